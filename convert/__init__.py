@@ -1,0 +1,1 @@
+"""PyTorch → JAX checkpoint converters (one strict engine, one table per model)."""

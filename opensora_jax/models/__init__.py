@@ -1,0 +1,1 @@
+"""Flax NNX models mirroring the Open-Sora reference modules."""
