@@ -1,0 +1,146 @@
+"""Shared building blocks: parameters with logical axis names, dense layers, norms, attention, embedders.
+
+Parameters carry logical axis names (metadata `out_sharding`, e.g. ("embed", "mlp")); the mapping of
+those names onto mesh axes lives in one place (opensora_jax.parallel). Modules never place or shard
+anything themselves, so variables are created with eager sharding off.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+
+
+class Buffer(nnx.Variable):
+    """A non-trainable state array loaded from a checkpoint (the reference's buffers, e.g. the null caption).
+
+    Optimizers select `nnx.Param` only, so buffers are never updated by training.
+    """
+
+
+def param(
+    rngs: nnx.Rngs,
+    init: Initializer,
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    dtype=jnp.float32,
+) -> nnx.Param:
+    """Creates an `nnx.Param` with logical axis names `axes` (one per dimension)."""
+    if len(axes) != len(shape):
+        raise ValueError(f"param of shape {tuple(shape)} got {len(axes)} axis names {tuple(axes)}")
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False)
+
+
+def buffer(value: jax.Array, axes: Sequence[str | None]) -> Buffer:
+    """Creates a `Buffer` with logical axis names."""
+    return Buffer(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel + bias, kernel (in, out) with logical axes `axes`; computes in `dtype`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: tuple[str | None, str | None],
+        rngs: nnx.Rngs,
+        use_bias: bool = True,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        kernel_init: Initializer = nnx.initializers.xavier_uniform(),
+    ):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dtype = dtype
+        self.kernel = param(rngs, kernel_init, (in_features, out_features), axes, param_dtype)
+        self.bias = (
+            param(rngs, nnx.initializers.zeros_init(), (out_features,), (axes[1],), param_dtype) if use_bias else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm without affine parameters; statistics in float32, result in x's dtype."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def sinusoidal_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """[cos, sin] sinusoid features of a 1-D float array (cos first), float32, shape (N, dim)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Llama/T5-style RMSNorm over the last axis: statistics in float32, cast back, then × weight."""
+    xf = x.astype(jnp.float32)
+    normed = (xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return weight.astype(x.dtype) * normed
+
+
+def rope_interleaved(x: jax.Array, freqs: jax.Array) -> jax.Array:
+    """Rotary embedding with interleaved pairs (x0,x1),(x2,x3)... over the second-to-last... sequence axis.
+
+    x: (N, L, heads, head_dim); freqs: (head_dim // 2,). Positions are 0..L-1. Angles are formed in
+    x's dtype, as rotary-embedding-torch does, so bfloat16 runs round like the reference.
+    """
+    length, head_dim = x.shape[1], x.shape[-1]
+    positions = jnp.arange(length, dtype=x.dtype)
+    angles = positions[:, None] * freqs.astype(x.dtype)[None, :]  # (L, head_dim/2)
+    angles = jnp.repeat(angles, 2, axis=-1)[None, :, None, :]  # (1, L, 1, head_dim)
+    pairs = x.reshape(*x.shape[:-1], head_dim // 2, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    return x * jnp.cos(angles) + rotated * jnp.sin(angles)
+
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array | None = None,
+    implementation: str = "xla",
+) -> jax.Array:
+    """Softmax attention, layout (N, L, heads, head_dim); `key_mask` (N, Lk) bool masks keys out.
+
+    `xla`: q is scaled by head_dim**-0.5 before q·k and the softmax runs in float32, as in the
+    reference's non-flash path. `cudnn`: jax.nn.dot_product_attention's cuDNN kernel (GPU only).
+    """
+    scale = q.shape[-1] ** -0.5
+    if implementation == "cudnn":
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    if implementation != "xla":
+        raise ValueError(f"attention implementation {implementation!r} unknown; choose one of {ATTENTION_IMPLEMENTATIONS}")
+    logits = jnp.einsum("nqhd,nkhd->nhqk", q * jnp.asarray(scale, q.dtype), k).astype(jnp.float32)
+    if key_mask is not None:
+        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("nhqk,nkhd->nqhd", weights, v)
