@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from opensora_jax.models.stdit3 import STDiT3, STDiT3Config
+from opensora_jax.models.stdit3 import STDiT3Config
 
 
 def to_channels_last(x: np.ndarray) -> np.ndarray:
@@ -20,16 +20,11 @@ def to_channels_first(x) -> np.ndarray:
     return np.moveaxis(np.asarray(x), -1, 1)
 
 
-def load_stdit3(config: dict, weights_path) -> STDiT3:
-    """Builds STDiT3 from reference config kwargs and loads weights through the user-facing converter."""
-    from convert import stdit3 as table_module
-    from convert.checkpoint import load_flat_into, load_params
+def load_stdit3(config: dict, weights_path):
+    """Builds STDiT3 from reference config kwargs and loads weights through the user-facing loader."""
+    from convert.registry import load_model
 
-    cfg = STDiT3Config.from_reference(config)
-    abstract = table_module.abstract_model(cfg)
-    flat = load_params(table_module.table(cfg), weights_path, abstract)
-    model = STDiT3(cfg, rngs=nnx.Rngs(0))
-    load_flat_into(model, flat)
+    model, _ = load_model("stdit3", weights_path, config=STDiT3Config.from_reference(config).to_dict())
     return model
 
 

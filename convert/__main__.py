@@ -1,0 +1,62 @@
+"""python -m convert MODEL SRC OUT_DIR: reference PyTorch weights → orbax checkpoint + config.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from convert.registry import CONVERTERS, converter
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m convert",
+        description="Convert a reference Open-Sora / transformers checkpoint into an opensora_jax checkpoint "
+        "directory (orbax params/ + config.json). Every source key must be consumed and every parameter "
+        "filled; all problems are reported at once. Output is written to a temporary directory and renamed "
+        "into place only when complete.",
+    )
+    parser.add_argument("model", choices=sorted(CONVERTERS), help="which model the checkpoint holds")
+    parser.add_argument("src", help="a .safetensors file, a *.safetensors.index.json of a sharded set, or a "
+                        "directory holding either (a config.json beside it sets the architecture)")
+    parser.add_argument("out_dir", help="output directory (must not exist or be empty, unless --overwrite)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of the stored parameters (default: float32)")
+    parser.add_argument("--config", default=None,
+                        help="JSON file with the architecture (reference config kwargs); default: read from "
+                        "the source directory's config.json, else the released architecture")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="allow .pt/.pth/.bin/.ckpt pickle checkpoints; pickle can execute code, so only "
+                        "for files you trust")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import jax.numpy as jnp
+
+    from convert.checkpoint import load_params, save_converted
+
+    module = converter(args.model)
+    config = json.loads(open(args.config).read()) if args.config else module.config_from_source(args.src)
+    start = time.time()
+    abstract = module.abstract_model(config, jnp.dtype(args.dtype))
+    flat = load_params(module.table(config), args.src, abstract, dtype=jnp.dtype(args.dtype),
+                       allow_pickle=args.allow_pickle)
+    out = save_converted(args.out_dir, flat, config=config, model=args.model, overwrite=args.overwrite,
+                         extra_meta={"source": str(args.src), "dtype": args.dtype})
+    n_params = sum(a.size for a in flat.values())
+    print(f"converted {len(flat)} arrays ({n_params:,} values, {args.dtype}) from {args.src} → {out} "
+          f"in {time.time() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,70 @@
+"""Which converter module serves which model name, and the one loader every CLI uses.
+
+A converter module provides `DESCRIPTION`, `table(config)`, `abstract_model(config, dtype)` and
+`config_from_source(path)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+from types import ModuleType
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from convert.checkpoint import is_converted_dir, load_converted, load_params, variable_paths
+
+CONVERTERS: dict[str, str] = {
+    "stdit3": "convert.stdit3",
+    "t5": "convert.t5",
+    "vae": "convert.vae_v1_2",
+}
+
+
+def converter(name: str) -> ModuleType:
+    """The converter module for a model name ("stdit3", "t5", "vae")."""
+    if name not in CONVERTERS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(CONVERTERS)}")
+    return importlib.import_module(CONVERTERS[name])
+
+
+def materialize(abstract_module, flat: dict[str, np.ndarray]):
+    """Fills an abstract (nnx.eval_shape) module with arrays, without ever running its random init."""
+    graphdef, state = nnx.split(abstract_module)
+    for path, var in nnx.to_flat_state(state):
+        key = "/".join(str(p) for p in path)
+        if key not in flat:
+            raise KeyError(f"no value for variable {key}")
+        var.set_value(jnp.asarray(flat[key], dtype=var.get_value().dtype))
+    return nnx.merge(graphdef, state)
+
+
+def load_model(name: str, path, *, config: dict | None = None, dtype=None, allow_pickle: bool = False):
+    """Loads model `name` from a converted directory or from the reference's own weight files.
+
+    The architecture comes from `config` if given, else from the converted directory's config.json or
+    the converter's `config_from_source(path)`. `dtype` sets the parameter dtype (default float32).
+    Returns (module, config dict).
+    """
+    module = converter(name)
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if config is None:
+        config = load_converted_config(path) if is_converted_dir(path) else module.config_from_source(path)
+    abstract = module.abstract_model(config, dtype)
+    flat = load_params(module.table(config), path, abstract, dtype=dtype, allow_pickle=allow_pickle)
+    missing = set(variable_paths(abstract)) - set(flat)
+    if missing:
+        raise KeyError(f"{path}: no values for {sorted(missing)}")
+    return materialize(abstract, flat), config
+
+
+def load_converted_config(path) -> dict:
+    """The model config stored by `python -m convert` in a converted directory."""
+    import json
+
+    meta = json.loads((pathlib.Path(path) / "config.json").read_text())
+    return meta["config"]
