@@ -38,14 +38,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import jax.numpy as jnp
 
-    from convert.checkpoint import load_params, save_converted
+    from convert.checkpoint import save_converted
+    from convert.registry import load_flat
 
     module = converter(args.model)
     config = json.loads(open(args.config).read()) if args.config else module.config_from_source(args.src)
     start = time.time()
     abstract = module.abstract_model(config, jnp.dtype(args.dtype))
-    flat = load_params(module.table(config), args.src, abstract, dtype=jnp.dtype(args.dtype),
-                       allow_pickle=args.allow_pickle)
+    flat = load_flat(module, args.src, config, abstract, dtype=jnp.dtype(args.dtype), allow_pickle=args.allow_pickle)
     out = save_converted(args.out_dir, flat, config=config, model=args.model, overwrite=args.overwrite,
                          extra_meta={"source": str(args.src), "dtype": args.dtype})
     n_params = sum(a.size for a in flat.values())

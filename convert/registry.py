@@ -55,11 +55,19 @@ def load_model(name: str, path, *, config: dict | None = None, dtype=None, allow
     if config is None:
         config = load_converted_config(path) if is_converted_dir(path) else module.config_from_source(path)
     abstract = module.abstract_model(config, dtype)
-    flat = load_params(module.table(config), path, abstract, dtype=dtype, allow_pickle=allow_pickle)
+    flat = load_flat(module, path, config, abstract, dtype=dtype, allow_pickle=allow_pickle)
     missing = set(variable_paths(abstract)) - set(flat)
     if missing:
         raise KeyError(f"{path}: no values for {sorted(missing)}")
     return materialize(abstract, flat), config
+
+
+def load_flat(module: ModuleType, path, config: dict, abstract, *, dtype=None, allow_pickle: bool = False):
+    """Flat {variable path: array}: through the converter's own `load_params(path, config, ...)` when it
+    has one (to adapt a source first, e.g. T5's tied embedding aliases), else through the shared engine."""
+    if hasattr(module, "load_params"):
+        return module.load_params(path, config, dtype=dtype, allow_pickle=allow_pickle)
+    return load_params(module.table(config), path, abstract, dtype=dtype, allow_pickle=allow_pickle)
 
 
 def load_converted_config(path) -> dict:
