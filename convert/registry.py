@@ -53,7 +53,7 @@ def load_model(name: str, path, *, config: dict | None = None, dtype=None, allow
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if config is None:
-        config = load_converted_config(path) if is_converted_dir(path) else module.config_from_source(path)
+        config = resolve_config(name, path)
     abstract = module.abstract_model(config, dtype)
     flat = load_flat(module, path, config, abstract, dtype=dtype, allow_pickle=allow_pickle)
     missing = set(variable_paths(abstract)) - set(flat)
@@ -68,6 +68,11 @@ def load_flat(module: ModuleType, path, config: dict, abstract, *, dtype=None, a
     if hasattr(module, "load_params"):
         return module.load_params(path, config, dtype=dtype, allow_pickle=allow_pickle)
     return load_params(module.table(config), path, abstract, dtype=dtype, allow_pickle=allow_pickle)
+
+
+def resolve_config(name: str, path) -> dict:
+    """The architecture stored with a checkpoint: a converted directory's config, else the converter's guess."""
+    return load_converted_config(path) if is_converted_dir(path) else converter(name).config_from_source(path)
 
 
 def load_converted_config(path) -> dict:

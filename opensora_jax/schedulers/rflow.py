@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +88,7 @@ class RFlowSampler:
         noise: jax.Array | None = None,
         cfg_scale: float | None = None,
         return_trace: bool = False,
+        progress: bool = False,
     ):
         """Denoises `z` (B, T, H, W, C) conditioned on text `y` (B, L, C_cap) with token `mask` (B, L).
 
@@ -94,7 +96,8 @@ class RFlowSampler:
         float: 1 = generate, 0 = keep the frame of `z` fixed, in between = edit strength; conditioned
         frames are re-noised from draws of `key` (or from `noise`, (steps, B, T, H, W, C), to replay
         recorded draws). The unconditional branch uses the model's learned null caption with the
-        conditional prompts' mask. Returns z (float32), plus a per-step trace dict if `return_trace`.
+        conditional prompts' mask. `progress` shows a bar ticking once per denoising step (from inside
+        the compiled loop). Returns z (float32), plus a per-step trace dict if `return_trace`.
         """
         b = z.shape[0]
         if cond_mask is not None and key is None and noise is None:
@@ -105,13 +108,47 @@ class RFlowSampler:
         graphdef, state = nnx.split(model)
         scale = self.cfg_scale if cfg_scale is None else cfg_scale
         extras = dict(height=jnp.asarray(height), width=jnp.asarray(width), fps=jnp.asarray(fps))
-        z_final, trace = _denoise(graphdef, state, z.astype(jnp.float32), y, mask, timesteps, self.step_sizes(timesteps),
-                                  noise, cond_mask, jnp.float32(scale), extras, self.num_timesteps, return_trace)
+        with _StepProgress(self.num_sampling_steps, enabled=progress):
+            z_final, trace = _denoise(graphdef, state, z.astype(jnp.float32), y, mask, timesteps,
+                                      self.step_sizes(timesteps), noise, cond_mask, jnp.float32(scale), extras,
+                                      self.num_timesteps, return_trace, progress)
+            z_final = jax.block_until_ready(z_final)
         return (z_final, {"timesteps": timesteps, **trace}) if return_trace else z_final
 
 
-@functools.partial(jax.jit, static_argnums=(0, 11, 12))
-def _denoise(graphdef, state, z, y, mask, timesteps, dts, noise, cond_mask, cfg_scale, extras, num_timesteps, trace):
+class _StepProgress:
+    """A tqdm bar that the compiled denoising loop ticks through `jax.debug.callback`."""
+
+    _active: "_StepProgress | None" = None
+    _lock = threading.Lock()
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.bar = total, enabled, None
+
+    def __enter__(self):
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc="denoising", unit="step")
+            _StepProgress._active = self
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+            _StepProgress._active = None
+
+    @staticmethod
+    def tick(_step):
+        with _StepProgress._lock:
+            active = _StepProgress._active
+            if active is not None and active.bar is not None:
+                active.bar.update(1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 11, 12, 13))
+def _denoise(graphdef, state, z, y, mask, timesteps, dts, noise, cond_mask, cfg_scale, extras, num_timesteps, trace,
+             progress):
     """All steps in one lax.scan; the model call is inside the loop body (traced once)."""
     model = nnx.merge(graphdef, state)
     b = z.shape[0]
@@ -138,6 +175,8 @@ def _denoise(graphdef, state, z, y, mask, timesteps, dts, noise, cond_mask, cfg_
         z_new = z + v * dt[:, None, None, None, None]
         if cond_mask is not None:
             z_new = jnp.where(upper[:, :, None, None, None], z_new, x0)
+        if progress:
+            jax.debug.callback(_StepProgress.tick, t[0], ordered=True)
         record = dict(model_in_x=z_in, model_in_t=t_in, model_out=out) if trace else {}
         if trace and cond_mask is not None:
             record["model_in_x_mask"] = x_mask

@@ -1,0 +1,82 @@
+"""Loading ml_collections config files and applying `--config.a.b=value` overrides (no absl needed)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import pathlib
+
+import ml_collections
+
+
+def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """Runs `get_config()` of a Python config file."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} defines no get_config()")
+    return module.get_config()
+
+
+def _parse_value(text: str, current):
+    """Parses an override string into the type of the field it replaces."""
+    if isinstance(current, bool):
+        lowered = text.lower()
+        if lowered not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true/false, got {text!r}")
+        return lowered in ("true", "1")
+    if isinstance(current, (int, float)) and not isinstance(current, bool):
+        return type(current)(text) if not (isinstance(current, int) and "." in text) else float(text)
+    if isinstance(current, str):
+        return text
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> ml_collections.ConfigDict:
+    """Sets dotted fields (`{"scheduler.cfg_scale": "4.5"}`), keeping each field's type. Unknown fields raise."""
+    for dotted, text in overrides.items():
+        node, *parents = config, *dotted.split(".")[:-1]
+        for name in parents:
+            if name not in node:
+                raise KeyError(f"config has no field {dotted!r} (no {name!r})")
+            node = node[name]
+        leaf = dotted.split(".")[-1]
+        if leaf not in node:
+            raise KeyError(f"config has no field {dotted!r}; fields here: {sorted(node.keys())}")
+        try:
+            node[leaf] = _parse_value(text, node[leaf])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"--config.{dotted}={text}: {e}") from None
+    return config
+
+
+def split_config_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Separates `--config.x=y` / `--config.x y` arguments from the rest."""
+    rest, overrides, i = [], {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            key, eq, value = arg[len("--config."):].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"{arg} needs a value")
+                value, i = argv[i + 1], i + 1
+            overrides[key] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
