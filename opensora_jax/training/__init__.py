@@ -1,0 +1,1 @@
+"""Training: frame-conditioning masks, the rectified-flow loss, optimizer, EMA, checkpoints, the loop."""
