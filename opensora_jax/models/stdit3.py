@@ -32,9 +32,23 @@ from opensora_jax.models.layers import (
     rope_interleaved,
     sinusoidal_embedding,
 )
+from opensora_jax.parallel import constrain
 
 # Reference kwargs that only pick kernels or distribution strategy; they do not change the math.
 _KERNEL_ONLY_FIELDS = ("enable_flash_attn", "enable_layernorm_kernel", "enable_sequence_parallelism")
+
+# Logical names of activations (opensora_jax.parallel maps them to mesh axes; no-ops without a mesh context).
+# Between blocks x is (B, T, S, C): spatial tokens split on "sequence", frames whole, so temporal attention
+# on (B·S, T, C) needs no exchange when each device holds one sample (otherwise the B·S merge reshuffles), and
+# spatial attention on (B·T, S, C) switches to a heads split for q/k/v and back for o (Ulysses).
+_ACT = ("act_batch", "act_frames", "act_tokens", "act_embed")
+_SPATIAL_IN = (("act_batch", "act_frames"), "act_tokens", "act_embed")
+_TEMPORAL_IN = (("act_batch", "act_tokens"), "act_frames", "act_embed")
+_SPATIAL_HEADS = (("act_batch", "act_frames"), None, "act_attn_heads", None)
+_SPATIAL_OUT = (("act_batch", "act_frames"), "act_tokens", "act_heads", None)
+# Cross-attention merges (T, S) into one token axis; keeping that split on "sequence" distributes its compute
+# (an all-to-all each way when T divides evenly, gathers otherwise: see opensora_jax.parallel's docstring).
+_CROSS_IN = ("act_batch", "act_tokens", "act_embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,11 +174,15 @@ class SelfAttention(nnx.Module):
         qkv = jnp.einsum("nld,dthk->tnlhk", x, self.qkv_kernel[...].astype(dt))
         qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
         q, k, v = qkv[0], qkv[1], qkv[2]
+        if rope_freqs is None:  # spatial attention: all-to-all from a tokens split to a heads split
+            q, k, v = (constrain(a, _SPATIAL_HEADS) for a in (q, k, v))
         if self.cfg.qk_norm:
             q, k = rms_norm(q, self.q_norm[...]), rms_norm(k, self.k_norm[...])
         if rope_freqs is not None:
             q, k = rope_interleaved(q, rope_freqs), rope_interleaved(k, rope_freqs)
         o = dot_product_attention(q, k, v, implementation=self.cfg.attention)
+        if rope_freqs is None:  # and back to a tokens split before the output projection
+            o = constrain(o, _SPATIAL_OUT)
         return jnp.einsum("nlhk,hkd->nld", o, self.proj_kernel[...].astype(dt)) + self.proj_bias[...].astype(dt)
 
 
@@ -234,16 +252,21 @@ class STDiT3Block(nnx.Module):
         def residual(h):
             return h if drop_keep is None else h * drop_keep
 
+        x = constrain(x, _ACT)
         h = _modulate(layer_norm(x), shift_msa, scale_msa)
         if self.temporal:
-            h = h.transpose(0, 2, 1, 3).reshape(b * s, t, c)
-            h = self.attn(h, rope_freqs).reshape(b, s, t, c).transpose(0, 2, 1, 3)
+            h = constrain(h.transpose(0, 2, 1, 3).reshape(b * s, t, c), _TEMPORAL_IN)
+            h = self.attn(h, rope_freqs)
+            h = constrain(h, _TEMPORAL_IN).reshape(b, s, t, c).transpose(0, 2, 1, 3)
         else:
-            h = self.attn(h.reshape(b * t, s, c), None).reshape(b, t, s, c)
-        x = x + residual(gate_msa * h)
-        x = x + self.cross_attn(x.reshape(b, t * s, c), y, y_mask).reshape(b, t, s, c)
+            h = self.attn(constrain(h.reshape(b * t, s, c), _SPATIAL_IN), None)
+            h = constrain(h, _SPATIAL_IN).reshape(b, t, s, c)
+        x = constrain(x + residual(gate_msa * h), _ACT)
+        h = self.cross_attn(constrain(x.reshape(b, t * s, c), _CROSS_IN), y, y_mask)
+        x = x + constrain(h, _CROSS_IN).reshape(b, t, s, c)
+        x = constrain(x, _ACT)
         h = self.mlp(_modulate(layer_norm(x), shift_mlp, scale_mlp))
-        return x + residual(gate_mlp * h)
+        return constrain(x + residual(gate_mlp * h), _ACT)
 
 
 class BlockPair(nnx.Module):
@@ -457,6 +480,7 @@ class STDiT3(nnx.Module):
         else:
             y_emb = self.y_embedder(y, drop_key=drop_key)
             inter["y_embedder_out"] = y_emb
+        y_emb = constrain(y_emb, ("act_batch", "act_text", "act_embed"))
         y_mask = jnp.ones(y_emb.shape[:2], bool) if mask is None else _tile_to_batch(jnp.asarray(mask) != 0, y_emb.shape[0], "mask")
 
         h = self.patchify(x)
@@ -465,7 +489,7 @@ class STDiT3(nnx.Module):
         scale = jnp.sqrt(jnp.asarray(height, jnp.float32).reshape(-1)[0] * jnp.asarray(width, jnp.float32).reshape(-1)[0]) / cfg.input_sq_size
         pos = pos_embed_2d(hp, wp, d, scale, round(math.sqrt(hp * wp))).astype(dt)
         inter["pos_embed_out"] = pos[None]
-        h = h.reshape(b, tp, hp * wp, d) + pos[None, None]
+        h = constrain(h.reshape(b, tp, hp * wp, d) + pos[None, None], _ACT)
 
         frame_mask = jnp.ones((b, tp), bool) if x_mask is None else jnp.asarray(x_mask, bool).reshape(b, -1)
         if frame_mask.shape[1] != tp:
@@ -475,6 +499,7 @@ class STDiT3(nnx.Module):
             t_mlp.reshape(b, 6, 1, 1, d).transpose(1, 0, 2, 3, 4),
             t0_mlp.reshape(b, 6, 1, 1, d).transpose(1, 0, 2, 3, 4),
         )  # (6, B, T, 1, C)
+        mod = constrain(mod, (None, "act_batch", "act_frames", None, "act_embed"))
 
         h, (spatial_outs, temporal_outs) = self._run_blocks(h, y_emb, y_mask, mod, path_key, return_intermediates)
         if return_intermediates:
@@ -482,7 +507,7 @@ class STDiT3(nnx.Module):
                 inter[f"spatial_block_{i}_out"] = spatial_outs[i].reshape(b, -1, d)
                 inter[f"temporal_block_{i}_out"] = temporal_outs[i].reshape(b, -1, d)
 
-        out = self.final_layer(h, t, t0, frame_mask)
+        out = constrain(self.final_layer(h, t, t0, frame_mask), ("act_batch", "act_frames", "act_tokens", None))
         inter["final_layer_out"] = out.reshape(b, tp * hp * wp, -1)
         out = self.unpatchify(out.reshape(b, tp, hp, wp, -1), size).astype(jnp.float32)
         return (out, inter) if return_intermediates else out
