@@ -104,15 +104,15 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 
 def rope_interleaved(x: jax.Array, freqs: jax.Array) -> jax.Array:
-    """Rotary embedding with interleaved pairs (x0,x1),(x2,x3)... over the second-to-last... sequence axis.
+    """Rotary embedding with interleaved pairs (x0,x1),(x2,x3)...; positions 0..L-1 along axis -3.
 
-    x: (N, L, heads, head_dim); freqs: (head_dim // 2,). Positions are 0..L-1. Angles are formed in
-    x's dtype, as rotary-embedding-torch does, so bfloat16 runs round like the reference.
+    x: (..., L, heads, head_dim); freqs: (head_dim // 2,). Angles are formed in x's dtype, as
+    rotary-embedding-torch does, so bfloat16 runs round like the reference.
     """
-    length, head_dim = x.shape[1], x.shape[-1]
+    length, head_dim = x.shape[-3], x.shape[-1]
     positions = jnp.arange(length, dtype=x.dtype)
     angles = positions[:, None] * freqs.astype(x.dtype)[None, :]  # (L, head_dim/2)
-    angles = jnp.repeat(angles, 2, axis=-1)[None, :, None, :]  # (1, L, 1, head_dim)
+    angles = jnp.repeat(angles, 2, axis=-1)[:, None, :]  # (L, 1, head_dim)
     pairs = x.reshape(*x.shape[:-1], head_dim // 2, 2)
     rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
     return x * jnp.cos(angles) + rotated * jnp.sin(angles)
@@ -128,19 +128,27 @@ def dot_product_attention(
     key_mask: jax.Array | None = None,
     implementation: str = "xla",
 ) -> jax.Array:
-    """Softmax attention, layout (N, L, heads, head_dim); `key_mask` (N, Lk) bool masks keys out.
+    """Softmax attention over layout (..., L, heads, head_dim); returns q's shape.
 
+    Leading dims of k/v (and `key_mask`, (..., Lk) bool, False = masked out) broadcast against q's, so
+    callers never merge (possibly sharded) leading axes into one batch axis.
     `xla`: q is scaled by head_dim**-0.5 before q·k and the softmax runs in float32, as in the
     reference's non-flash path. `cudnn`: jax.nn.dot_product_attention's cuDNN kernel (GPU only).
     """
     scale = q.shape[-1] ** -0.5
     if implementation == "cudnn":
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+        lead = q.shape[:-3]
+        k, v = (jnp.broadcast_to(a, (*lead, *a.shape[-3:])).reshape(-1, *a.shape[-3:]) for a in (k, v))
+        mask = None
+        if key_mask is not None:
+            mask = jnp.broadcast_to(key_mask, (*lead, key_mask.shape[-1])).reshape(-1, 1, 1, key_mask.shape[-1])
+        out = jax.nn.dot_product_attention(q.reshape(-1, *q.shape[-3:]), k, v, mask=mask, scale=scale,
+                                           implementation="cudnn")
+        return out.reshape(q.shape)
     if implementation != "xla":
         raise ValueError(f"attention implementation {implementation!r} unknown; choose one of {ATTENTION_IMPLEMENTATIONS}")
-    logits = jnp.einsum("nqhd,nkhd->nhqk", q * jnp.asarray(scale, q.dtype), k).astype(jnp.float32)
+    logits = jnp.einsum("...qhd,...khd->...hqk", q * jnp.asarray(scale, q.dtype), k).astype(jnp.float32)
     if key_mask is not None:
-        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.where(key_mask[..., None, None, :], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("nhqk,nkhd->nqhd", weights, v)
+    return jnp.einsum("...hqk,...khd->...qhd", weights, v)

@@ -38,17 +38,12 @@ from opensora_jax.parallel import constrain
 _KERNEL_ONLY_FIELDS = ("enable_flash_attn", "enable_layernorm_kernel", "enable_sequence_parallelism")
 
 # Logical names of activations (opensora_jax.parallel maps them to mesh axes; no-ops without a mesh context).
-# Between blocks x is (B, T, S, C): spatial tokens split on "sequence", frames whole, so temporal attention
-# on (B·S, T, C) needs no exchange when each device holds one sample (otherwise the B·S merge reshuffles), and
-# spatial attention on (B·T, S, C) switches to a heads split for q/k/v and back for o (Ulysses).
+# x stays (B, T, S, C) throughout, and attention runs on it without merging axes, so a split of S on
+# "sequence" survives every block: temporal attention (over T) is local, spatial attention (over S) switches
+# q/k/v to a heads split and o back to a tokens split (the Ulysses exchange), cross-attention keeps the split.
 _ACT = ("act_batch", "act_frames", "act_tokens", "act_embed")
-_SPATIAL_IN = (("act_batch", "act_frames"), "act_tokens", "act_embed")
-_TEMPORAL_IN = (("act_batch", "act_tokens"), "act_frames", "act_embed")
-_SPATIAL_HEADS = (("act_batch", "act_frames"), None, "act_attn_heads", None)
-_SPATIAL_OUT = (("act_batch", "act_frames"), "act_tokens", "act_heads", None)
-# Cross-attention merges (T, S) into one token axis; keeping that split on "sequence" distributes its compute
-# (an all-to-all each way when T divides evenly, gathers otherwise: see opensora_jax.parallel's docstring).
-_CROSS_IN = ("act_batch", "act_tokens", "act_embed")
+_SPATIAL_HEADS = ("act_batch", "act_frames", None, "act_attn_heads", None)
+_SPATIAL_OUT = ("act_batch", "act_frames", "act_tokens", "act_heads", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,10 +164,11 @@ class SelfAttention(nnx.Module):
         self.proj_bias = param(rngs, _zeros(), (d,), ("embed",), pd)
 
     def __call__(self, x: jax.Array, rope_freqs: jax.Array | None) -> jax.Array:
-        """x: (N, L, hidden) → (N, L, hidden); rope_freqs given only in temporal blocks."""
+        """x: (B, A, L, hidden), attention over L → same shape. Spatial blocks pass (B, T, S, C); temporal
+        blocks pass (B, S, T, C) with rope_freqs."""
         dt = x.dtype
-        qkv = jnp.einsum("nld,dthk->tnlhk", x, self.qkv_kernel[...].astype(dt))
-        qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
+        qkv = jnp.einsum("bald,dthk->tbalhk", x, self.qkv_kernel[...].astype(dt))
+        qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None, None]
         q, k, v = qkv[0], qkv[1], qkv[2]
         if rope_freqs is None:  # spatial attention: all-to-all from a tokens split to a heads split
             q, k, v = (constrain(a, _SPATIAL_HEADS) for a in (q, k, v))
@@ -183,7 +179,7 @@ class SelfAttention(nnx.Module):
         o = dot_product_attention(q, k, v, implementation=self.cfg.attention)
         if rope_freqs is None:  # and back to a tokens split before the output projection
             o = constrain(o, _SPATIAL_OUT)
-        return jnp.einsum("nlhk,hkd->nld", o, self.proj_kernel[...].astype(dt)) + self.proj_bias[...].astype(dt)
+        return jnp.einsum("balhk,hkd->bald", o, self.proj_kernel[...].astype(dt)) + self.proj_bias[...].astype(dt)
 
 
 class CrossAttention(nnx.Module):
@@ -204,12 +200,13 @@ class CrossAttention(nnx.Module):
         self.proj_bias = param(rngs, _zeros(), (d,), ("embed",), pd)
 
     def __call__(self, x: jax.Array, y: jax.Array, y_mask: jax.Array) -> jax.Array:
-        """x: (B, N, hidden), y: (B, L, hidden), y_mask: (B, L) bool → (B, N, hidden)."""
+        """x: (B, T, S, hidden), y: (B, L, hidden), y_mask: (B, L) bool → (B, T, S, hidden)."""
         dt = x.dtype
-        q = jnp.einsum("bnd,dhk->bnhk", x, self.q_kernel[...].astype(dt)) + self.q_bias[...].astype(dt)
+        q = jnp.einsum("btsd,dhk->btshk", x, self.q_kernel[...].astype(dt)) + self.q_bias[...].astype(dt)
         kv = jnp.einsum("bld,dthk->tblhk", y, self.kv_kernel[...].astype(dt)) + self.kv_bias[...].astype(dt)[:, None, None]
-        o = dot_product_attention(q, kv[0], kv[1], key_mask=y_mask, implementation=self.cfg.attention)
-        return jnp.einsum("bnhk,hkd->bnd", o, self.proj_kernel[...].astype(dt)) + self.proj_bias[...].astype(dt)
+        k, v = kv[0][:, None], kv[1][:, None]  # (B, 1, L, h, d): broadcast over frames
+        o = dot_product_attention(q, k, v, key_mask=y_mask[:, None, :], implementation=self.cfg.attention)
+        return jnp.einsum("btshk,hkd->btsd", o, self.proj_kernel[...].astype(dt)) + self.proj_bias[...].astype(dt)
 
 
 class Mlp(nnx.Module):
@@ -245,7 +242,6 @@ class STDiT3Block(nnx.Module):
 
     def __call__(self, x, y, y_mask, mod, rope_freqs, drop_keep):
         """x (B,T,S,C); mod (6, B, T, 1, C) already selected per frame; drop_keep (B,1,1,1) scale or None."""
-        b, t, s, c = x.shape
         table = self.scale_shift_table[...].astype(x.dtype)[:, None, None, None, :]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod + table
 
@@ -255,16 +251,11 @@ class STDiT3Block(nnx.Module):
         x = constrain(x, _ACT)
         h = _modulate(layer_norm(x), shift_msa, scale_msa)
         if self.temporal:
-            h = constrain(h.transpose(0, 2, 1, 3).reshape(b * s, t, c), _TEMPORAL_IN)
-            h = self.attn(h, rope_freqs)
-            h = constrain(h, _TEMPORAL_IN).reshape(b, s, t, c).transpose(0, 2, 1, 3)
+            h = self.attn(h.transpose(0, 2, 1, 3), rope_freqs).transpose(0, 2, 1, 3)
         else:
-            h = self.attn(constrain(h.reshape(b * t, s, c), _SPATIAL_IN), None)
-            h = constrain(h, _SPATIAL_IN).reshape(b, t, s, c)
+            h = self.attn(h, None)
         x = constrain(x + residual(gate_msa * h), _ACT)
-        h = self.cross_attn(constrain(x.reshape(b, t * s, c), _CROSS_IN), y, y_mask)
-        x = x + constrain(h, _CROSS_IN).reshape(b, t, s, c)
-        x = constrain(x, _ACT)
+        x = constrain(x + self.cross_attn(x, y, y_mask), _ACT)
         h = self.mlp(_modulate(layer_norm(x), shift_mlp, scale_mlp))
         return constrain(x + residual(gate_mlp * h), _ACT)
 
