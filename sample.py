@@ -1,0 +1,104 @@
+"""Open-Sora v1.2 text/image-to-video sampling with opensora-jax.
+
+    python sample.py --prompt "a red circle moving left" --stdit3 ckpt/stdit3 --vae ckpt/vae --t5 ckpt/t5
+    python sample.py --config configs/opensora_v1_2/sample.py --config.num_frames=4s --prompt "..."
+
+Every flag sets a field of the config (configs/opensora_v1_2/sample.py by default); any field can also be
+set as --config.FIELD=VALUE. The final config is saved as OUT_DIR/config.json beside the videos, and each
+video gets a JSON sidecar (prompt as sent to T5, seed, timings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent / "configs" / "opensora_v1_2" / "sample.py"
+
+# flag → (config field, type, help)
+FLAGS = {
+    "--prompt": ("prompts", str, "a prompt; repeat the flag for several. A prompt may end with a JSON object "
+                 "{\"reference_path\": ..., \"mask_strategy\": ...} and may use the |0|text|k|text loop syntax"),
+    "--prompt-file": ("prompt_file", str, "text file with one prompt per line"),
+    "--resolution": ("resolution", str, "144p, 240p, 360p, 480p, 720p, 1080p (default 240p)"),
+    "--aspect-ratio": ("aspect_ratio", str, "H:W, e.g. 9:16 (landscape 240x426 at 240p), 1:1, 16:9 (default 9:16)"),
+    "--num-frames": ("num_frames", str, "pixel frames: a number (1 = image, 17, 51, ...) or 2s, 4s, 8s, 16s (default 51)"),
+    "--fps": ("fps", int, "frame rate given to the model (default 24)"),
+    "--save-fps": ("save_fps", int, "frame rate of the written MP4 (default 24)"),
+    "--steps": ("scheduler.num_sampling_steps", int, "denoising steps (default 30)"),
+    "--cfg-scale": ("scheduler.cfg_scale", float, "classifier-free guidance scale (default 7.0)"),
+    "--seed": ("seed", int, "random seed of the initial noise (default 42)"),
+    "--aes": ("aes", float, "aesthetic score appended to the prompt (default 6.5)"),
+    "--flow": ("flow", float, "motion score appended to the prompt (default: none)"),
+    "--camera-motion": ("camera_motion", str, "camera motion appended to the prompt, e.g. 'pan left'"),
+    "--reference": ("reference_path", str, "reference image/video path(s) for conditioning, ';'-separated; "
+                    "repeat the flag once per prompt or give one for all"),
+    "--mask-strategy": ("mask_strategy", str, "mask strategy 'loop,ref,ref_start,target_start,length,edit;...' "
+                        "(latent frames); repeat per prompt or give one for all"),
+    "--loop": ("loop", int, "number of clips generated in sequence, each conditioned on the previous (default 1)"),
+    "--batch-size": ("batch_size", int, "prompts per batch (default 1)"),
+    "--num-sample": ("num_sample", int, "videos per prompt (default 1)"),
+    "--out-dir": ("out_dir", str, "where videos, sidecars and config.json go (default samples/)"),
+    "--dtype": ("dtype", str, "STDiT3 and VAE dtype: bfloat16 (default, as the reference) or float32; T5 runs in float32"),
+    "--attention": ("attention", str, "attention kernel: xla (default) or cudnn (NVIDIA GPUs)"),
+    "--stdit3": ("stdit3", str, "STDiT3 checkpoint: a converted directory or the reference's safetensors"),
+    "--vae": ("vae", str, "VAE checkpoint: a converted directory or the reference's safetensors"),
+    "--t5": ("t5", str, "T5 encoder checkpoint: a converted directory or a transformers T5 directory"),
+    "--tokenizer": ("tokenizer", str, "T5 tokenizer directory (spiece.model or tokenizer.json); default: the T5 directory"),
+}
+LIST_FIELDS = {"prompts", "reference_path", "mask_strategy"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python sample.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG),
+                        help="ml_collections config file with get_config() (default: configs/opensora_v1_2/sample.py); "
+                        "override any field with --config.FIELD=VALUE")
+    for flag, (field, kind, text) in FLAGS.items():
+        parser.add_argument(flag, type=kind, default=None, action="append" if field in LIST_FIELDS else "store",
+                            help=f"{text} [config: {field}]")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars [config: progress=False]")
+    parser.add_argument("--no-clean-captions", action="store_true",
+                        help="skip the reference's caption cleaning [config: clean_captions=False]")
+    return parser
+
+
+def make_config(argv: list[str]):
+    from opensora_jax.config_utils import apply_overrides, load_config_file, split_config_overrides
+
+    rest, overrides = split_config_overrides(argv)
+    args = build_parser().parse_args(rest)
+    config = load_config_file(args.config)
+    apply_overrides(config, overrides)
+    for flag, (field, _, _) in FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is None:
+            continue
+        node, leaf = config, field
+        if "." in field:
+            parent, leaf = field.split(".")
+            node = config[parent]
+        node[leaf] = list(value) if field in LIST_FIELDS else value
+    if args.no_progress:
+        config.progress = False
+    if args.no_clean_captions:
+        config.clean_captions = False
+    return config
+
+
+def main(argv=None) -> int:
+    config = make_config(sys.argv[1:] if argv is None else argv)
+    from opensora_jax.inference import run
+
+    run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

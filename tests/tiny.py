@@ -1,0 +1,67 @@
+"""Tiny random checkpoints of the three v1.2 models (and a tokenizer trained here) for end-to-end tests."""
+
+from __future__ import annotations
+
+import io
+import pathlib
+
+import numpy as np
+from flax import nnx
+
+from convert.checkpoint import save_converted
+
+CORPUS = [
+    "a red circle moving left on a black background", "a blue square moving up on a black background",
+    "a green triangle moving right on a black background", "a yellow circle moving down on a black background",
+    "aesthetic score", "motion score", "camera motion",
+]
+T5_CONFIG = dict(vocab_size=192, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4,
+                 relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                 feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, model_type="t5")
+STDIT3_CONFIG = dict(depth=1, hidden_size=32, num_heads=2, caption_channels=32, model_max_length=32)
+VAE_CONFIG = {
+    "micro_frame_size": 17, "micro_batch_size": 4,
+    "vae_2d": {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 4,
+               "up_block_types": ["UpDecoderBlock2D"] * 4, "block_out_channels": [8, 8, 8, 8],
+               "layers_per_block": 1, "act_fn": "silu", "latent_channels": 4, "norm_num_groups": 4},
+    "vae_temporal": {"in_out_channels": 4, "latent_embed_dim": 4, "embed_dim": 4, "filters": 8, "num_res_blocks": 1,
+                     "channel_multipliers": [1, 1, 1, 1], "temporal_downsample": [False, True, True],
+                     "num_groups": 4, "activation_fn": "swish"},
+}
+
+
+def write_spiece(directory: pathlib.Path) -> pathlib.Path:
+    """A SentencePiece model trained on CORPUS (pad 0, eos 1, unk 2, as T5's) saved as directory/spiece.model."""
+    import sentencepiece as spm
+
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 20), model_writer=out, vocab_size=60, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+        hard_vocab_limit=False, minloglevel=2)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "spiece.model").write_bytes(out.getvalue())
+    return directory
+
+
+def _save(module, out_dir: pathlib.Path, config: dict, name: str) -> pathlib.Path:
+    flat = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(module))}
+    return save_converted(out_dir, flat, config=config, model=name)
+
+
+def write_tiny_checkpoints(root: pathlib.Path, seed: int = 0) -> dict[str, pathlib.Path]:
+    """Converted directories {stdit3, vae, t5} under root; the tokenizer sits in t5/tokenizer."""
+    from opensora_jax.models.stdit3 import STDiT3, STDiT3Config
+    from opensora_jax.models.t5 import T5Config, T5Encoder
+    from opensora_jax.models.vae.opensora_v1_2 import build
+
+    stdit3 = STDiT3(STDiT3Config(**STDIT3_CONFIG), rngs=nnx.Rngs(seed))
+    t5 = T5Encoder(T5Config.from_dict(T5_CONFIG), rngs=nnx.Rngs(seed + 1))
+    vae = build(VAE_CONFIG, rngs=nnx.Rngs(seed + 2))
+    paths = {
+        "stdit3": _save(stdit3, root / "stdit3", STDiT3Config(**STDIT3_CONFIG).to_dict(), "stdit3"),
+        "vae": _save(vae, root / "vae", VAE_CONFIG, "vae"),
+        "t5": _save(t5, root / "t5", T5_CONFIG, "t5"),
+    }
+    write_spiece(paths["t5"] / "tokenizer")
+    return paths
