@@ -60,3 +60,7 @@ SYNTHETIC = {
     "64px": {1: (1.0, 16), 17: (1.0, 4)},
     "32px": {1: (1.0, 32), 17: (1.0, 8)},
 }
+
+# Names a training config may use for `data.bucket_config` and `data.resolutions`.
+NAMED_BUCKET_CONFIGS = {**STAGES, "synthetic": SYNTHETIC}
+NAMED_RESOLUTION_TABLES = {"synthetic": SYNTHETIC_RESOLUTIONS}

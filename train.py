@@ -1,0 +1,66 @@
+"""Train STDiT3 (Open-Sora v1.2) with opensora-jax.
+
+    python train.py --config configs/opensora_v1_2/train_stage1.py --config.data.csv=data.csv \
+        --config.vae=ckpt/vae --config.t5=ckpt/t5 --config.from_pretrained=ckpt/stdit3
+    python train.py --config configs/demo/train_tiny.py --out-dir outputs/demo
+
+Re-running with the same --out-dir resumes from its latest checkpoint (model, EMA, optimizer, step, RNG
+and data position), so a killed run continues as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+FLAGS = {
+    "--out-dir": ("out_dir", str, "run directory: config.json, metrics.jsonl, checkpoints/, ema_model/"),
+    "--steps": ("steps", int, "total number of updates"),
+    "--seed": ("seed", int, "seed of init, data order, masks, noise"),
+    "--csv": ("data.csv", str, "training CSV (path, text, num_frames, height, width, fps, ...)"),
+    "--features": ("data.features", str, "directory of precomputed features (instead of --csv)"),
+    "--lr": ("optimizer.lr", float, "peak learning rate"),
+    "--ckpt-every": ("ckpt_every", int, "save a checkpoint every N steps"),
+    "--dtype": ("dtype", str, "compute dtype: bfloat16 or float32 (master weights stay float32)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python train.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True,
+                        help="ml_collections config file (configs/opensora_v1_2/train_stage1.py, configs/demo/...); "
+                        "override any field with --config.FIELD=VALUE")
+    for flag, (field, kind, text) in FLAGS.items():
+        parser.add_argument(flag, type=kind, default=None, help=f"{text} [config: {field}]")
+    return parser
+
+
+def make_config(argv):
+    from opensora_jax.config_utils import apply_overrides, load_config_file, split_config_overrides
+
+    rest, overrides = split_config_overrides(argv)
+    args = build_parser().parse_args(rest)
+    config = load_config_file(args.config)
+    apply_overrides(config, overrides)
+    for flag, (field, _, _) in FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            apply_overrides(config, {field: str(value)})
+    return config
+
+
+def main(argv=None) -> int:
+    config = make_config(sys.argv[1:] if argv is None else argv)
+    from opensora_jax.training.loop import train
+
+    train(config)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
