@@ -42,6 +42,8 @@ FLAGS = {
     "--out-dir": ("out_dir", str, "where videos, sidecars and config.json go (default samples/)"),
     "--dtype": ("dtype", str, "STDiT3 and VAE dtype: bfloat16 (default, as the reference) or float32; T5 runs in float32"),
     "--attention": ("attention", str, "attention kernel: xla (default) or cudnn (NVIDIA GPUs)"),
+    "--mesh": ("mesh", str, "device mesh, e.g. 'sequence=8' (sequence parallel over 8 GPUs) or 'data=2,sequence=4'; "
+               "axes data/fsdp/tensor/sequence, -1 fills the rest; default: one device"),
     "--stdit3": ("stdit3", str, "STDiT3 checkpoint: a converted directory or the reference's safetensors"),
     "--vae": ("vae", str, "VAE checkpoint: a converted directory or the reference's safetensors"),
     "--t5": ("t5", str, "T5 encoder checkpoint: a converted directory or a transformers T5 directory"),
@@ -91,7 +93,9 @@ def make_config(argv: list[str]):
 def main(argv=None) -> int:
     config = make_config(sys.argv[1:] if argv is None else argv)
     from opensora_jax.inference import run
+    from opensora_jax.parallel import initialize_distributed
 
+    initialize_distributed()  # multi-process launches (SLURM, torchrun-style env, JAX_COORDINATOR_ADDRESS)
     run(config)
     return 0
 

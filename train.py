@@ -22,6 +22,7 @@ FLAGS = {
     "--lr": ("optimizer.lr", float, "peak learning rate"),
     "--ckpt-every": ("ckpt_every", int, "save a checkpoint every N steps"),
     "--dtype": ("dtype", str, "compute dtype: bfloat16 or float32 (master weights stay float32)"),
+    "--mesh": ("mesh", str, "device mesh, e.g. 'fsdp=8' or 'data=-1,fsdp=8'; axes data/fsdp/tensor/sequence"),
 }
 
 
@@ -52,8 +53,10 @@ def make_config(argv):
 
 def main(argv=None) -> int:
     config = make_config(sys.argv[1:] if argv is None else argv)
+    from opensora_jax.parallel import initialize_distributed
     from opensora_jax.training.loop import train
 
+    initialize_distributed()  # multi-process launches (SLURM, torchrun-style env, JAX_COORDINATOR_ADDRESS)
     train(config)
     return 0
 

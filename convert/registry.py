@@ -10,6 +10,7 @@ import importlib
 import pathlib
 from types import ModuleType
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -30,22 +31,30 @@ def converter(name: str) -> ModuleType:
     return importlib.import_module(CONVERTERS[name])
 
 
-def materialize(abstract_module, flat: dict[str, np.ndarray]):
-    """Fills an abstract (nnx.eval_shape) module with arrays, without ever running its random init."""
+def materialize(abstract_module, flat: dict[str, np.ndarray], mesh=None):
+    """Fills an abstract (nnx.eval_shape) module with arrays, without ever running its random init.
+
+    With a `mesh`, each array goes straight to its sharded placement (from the variable's logical axes),
+    tensor by tensor, so no device ever holds a whole unsharded model.
+    """
+    from opensora_jax.parallel import variable_sharding
+
     graphdef, state = nnx.split(abstract_module)
     for path, var in nnx.to_flat_state(state):
         key = "/".join(str(p) for p in path)
         if key not in flat:
             raise KeyError(f"no value for variable {key}")
-        var.set_value(jnp.asarray(flat[key], dtype=var.get_value().dtype))
+        value = np.asarray(flat[key], dtype=var.get_value().dtype)
+        var.set_value(jnp.asarray(value) if mesh is None else jax.device_put(value, variable_sharding(var, mesh)))
     return nnx.merge(graphdef, state)
 
 
-def load_model(name: str, path, *, config: dict | None = None, dtype=None, allow_pickle: bool = False):
+def load_model(name: str, path, *, config: dict | None = None, dtype=None, allow_pickle: bool = False, mesh=None):
     """Loads model `name` from a converted directory or from the reference's own weight files.
 
     The architecture comes from `config` if given, else from the converted directory's config.json or
     the converter's `config_from_source(path)`. `dtype` sets the parameter dtype (default float32).
+    With a `mesh`, parameters are placed sharded per their logical axes as they load.
     Returns (module, config dict).
     """
     module = converter(name)
@@ -59,7 +68,7 @@ def load_model(name: str, path, *, config: dict | None = None, dtype=None, allow
     missing = set(variable_paths(abstract)) - set(flat)
     if missing:
         raise KeyError(f"{path}: no values for {sorted(missing)}")
-    return materialize(abstract, flat), config
+    return materialize(abstract, flat, mesh), config
 
 
 def load_flat(module: ModuleType, path, config: dict, abstract, *, dtype=None, allow_pickle: bool = False):

@@ -142,19 +142,19 @@ def load_params(path, config: dict | T5Config | None = None, *, dtype=None, allo
 
 
 def load_model(path, config: dict | T5Config | None = None, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               allow_pickle: bool = False) -> T5Encoder:
-    """A ready `T5Encoder` with the weights at `path` (parameters stored in `param_dtype`, compute in `dtype`)."""
+               allow_pickle: bool = False, mesh=None) -> T5Encoder:
+    """A ready `T5Encoder` with the weights at `path` (parameters stored in `param_dtype`, compute in `dtype`).
+
+    With a `mesh`, each tensor is placed sharded (per its logical axes, e.g. embed on fsdp) as it loads.
+    """
     from flax import nnx
 
-    from convert.checkpoint import load_flat_into
+    from convert.registry import materialize
 
     cfg = _config(config if config is not None else config_from_source(path, allow_pickle=allow_pickle))
     flat = load_params(path, cfg, dtype=param_dtype, allow_pickle=allow_pickle)
     model = nnx.eval_shape(lambda: T5Encoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-    # Fill the abstract module directly: no random initialisation of a model that is about to be overwritten.
-    for var_path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        var.set_value(jnp.asarray(flat["/".join(map(str, var_path))]))
-    return model
+    return materialize(model, flat, mesh)
 
 
 def config_from_source(path, *, allow_pickle: bool = False) -> dict:

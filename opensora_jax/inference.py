@@ -47,7 +47,8 @@ def run(config: ml_collections.ConfigDict, pipeline: Pipeline | None = None) -> 
     if pipeline is None:
         pipeline = Pipeline.from_checkpoints(
             stdit3=config.stdit3, vae=config.vae, t5=config.t5, tokenizer=config.tokenizer or None,
-            dtype=config.dtype, attention=config.attention, scheduler=config.scheduler.to_dict())
+            dtype=config.dtype, attention=config.attention, scheduler=config.scheduler.to_dict(),
+            mesh=config.get("mesh") or None)
     out_dir = pathlib.Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = out_dir / "config.json"

@@ -326,7 +326,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[LogicalEntry]) -> jax.Array:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Mapping[str, MeshAxes] | None) -> NamedSharding:
+def variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None) -> NamedSharding:
     """Sharding of one variable from its `out_sharding` metadata; replicated when it has none."""
     axes = var.get_metadata().get("out_sharding")
     shape = np.shape(var.get_value())
@@ -342,7 +342,7 @@ def state_shardings(tree, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = Non
     """
     state = tree if isinstance(tree, nnx.State) else nnx.state(tree)
     return jax.tree.map(
-        lambda var: var.replace(_variable_sharding(var, mesh, rules)),
+        lambda var: var.replace(variable_sharding(var, mesh, rules)),
         state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
@@ -356,7 +356,7 @@ def abstract_state(tree, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None
     state = tree if isinstance(tree, nnx.State) else nnx.state(tree)
 
     def abstract(var: nnx.Variable) -> nnx.Variable:
-        value, sharding = var.get_value(), _variable_sharding(var, mesh, rules)
+        value, sharding = var.get_value(), variable_sharding(var, mesh, rules)
         return var.replace(jax.ShapeDtypeStruct(np.shape(value), value.dtype, sharding=sharding))
 
     return jax.tree.map(abstract, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -365,7 +365,7 @@ def abstract_state(tree, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None
 def _place_variables(obj, mesh: Mesh, rules: Mapping[str, MeshAxes] | None) -> None:
     """device_put every variable of an nnx object per its metadata, in place."""
     for _, var in nnx.to_flat_state(nnx.state(obj)):
-        var.set_value(jax.device_put(var.get_value(), _variable_sharding(var, mesh, rules)))
+        var.set_value(jax.device_put(var.get_value(), variable_sharding(var, mesh, rules)))
 
 
 def shard_params(module: nnx.Module, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None) -> nnx.Module:

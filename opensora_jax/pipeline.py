@@ -38,17 +38,24 @@ class Generation:
 class Pipeline:
     """Holds the three models and the sampler; `generate` runs prompts → uint8 videos."""
 
-    def __init__(self, text_encoder, model, vae, sampler: RFlowSampler, *, dtype=jnp.bfloat16):
+    def __init__(self, text_encoder, model, vae, sampler: RFlowSampler, *, dtype=jnp.bfloat16, mesh=None):
         self.text_encoder = text_encoder
         self.model = model
         self.vae = vae
         self.sampler = sampler
         self.dtype = jnp.dtype(dtype)
+        self.mesh = mesh
 
     @classmethod
     def from_checkpoints(cls, *, stdit3, vae, t5, tokenizer=None, dtype="bfloat16", attention="xla",
-                         scheduler: dict | None = None) -> "Pipeline":
-        """Loads each model from a converted directory (python -m convert) or the reference's weights."""
+                         scheduler: dict | None = None, mesh=None) -> "Pipeline":
+        """Loads each model from a converted directory (python -m convert) or the reference's weights.
+
+        `mesh` (a jax Mesh or a spec such as "sequence=8"): parameters are placed sharded as they load and
+        generation runs with the model's sharding constraints active.
+        """
+        from opensora_jax.parallel import make_mesh
+
         from convert.registry import load_model, resolve_config
         from opensora_jax.text import TextEncoder
 
@@ -58,11 +65,14 @@ class Pipeline:
             if not pathlib.Path(path).exists():
                 raise FileNotFoundError(f"{name} checkpoint {path} does not exist")
         dt = jnp.dtype(dtype)
+        if isinstance(mesh, str):
+            mesh = make_mesh(mesh) if mesh else None
         model_config = {**resolve_config("stdit3", stdit3), "dtype": dt.name, "attention": attention}
-        model, _ = load_model("stdit3", stdit3, config=model_config, dtype=dt)
-        vae_model, _ = load_model("vae", vae, dtype=dt)
-        text_encoder = TextEncoder.from_pretrained(tokenizer or default_tokenizer_dir(t5), t5, model_max_length=model.cfg.model_max_length)
-        return cls(text_encoder, model, vae_model, RFlowSampler(**(scheduler or {})), dtype=dt)
+        model, _ = load_model("stdit3", stdit3, config=model_config, dtype=dt, mesh=mesh)
+        vae_model, _ = load_model("vae", vae, dtype=dt, mesh=mesh)
+        text_encoder = TextEncoder.from_pretrained(tokenizer or default_tokenizer_dir(t5), t5,
+                                                   model_max_length=model.cfg.model_max_length, mesh=mesh)
+        return cls(text_encoder, model, vae_model, RFlowSampler(**(scheduler or {})), dtype=dt, mesh=mesh)
 
     # -------------------------------------------------------------------------------------------- prompts
 
@@ -80,7 +90,16 @@ class Pipeline:
 
     # ----------------------------------------------------------------------------------------- generation
 
-    def generate(
+    def generate(self, prompts: Sequence[str], **kwargs) -> "Generation":
+        """Generates one video per prompt; see `_generate` for the arguments. Runs under the pipeline's mesh."""
+        if self.mesh is None:
+            return self._generate(prompts, **kwargs)
+        from opensora_jax.parallel import sharding_context
+
+        with sharding_context(self.mesh):
+            return self._generate(prompts, **kwargs)
+
+    def _generate(
         self,
         prompts: Sequence[str],
         *,

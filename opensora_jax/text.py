@@ -148,12 +148,13 @@ class TextEncoder:
         model_max_length: int = MODEL_MAX_LENGTH,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
+        mesh=None,
     ) -> "TextEncoder":
         """Tokenizer from `tokenizer` (see `load_tokenizer`), encoder from a T5 checkpoint or converted dir."""
         from convert.t5 import load_model
 
         tok = load_tokenizer(tokenizer, model_max_length=model_max_length)
-        model = load_model(weights, dtype=dtype, param_dtype=param_dtype)
+        model = load_model(weights, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
         if len(tok) > model.config.vocab_size:
             raise ValueError(f"tokenizer has {len(tok)} tokens but the T5 embedding only {model.config.vocab_size}")
         return cls(tok, model, model_max_length=model_max_length)

@@ -272,3 +272,19 @@ def test_checkpoint_saved_on_one_mesh_restores_onto_another(tmp_path):
         assert value.sharding == _at(target, path).sharding, jax.tree_util.keystr(path)
         np.testing.assert_array_equal(value, _at(saved, path), err_msg=jax.tree_util.keystr(path))
     assert restored["blocks"]["spatial"]["attn"]["qkv_kernel"].sharding.spec == P(None, None, None, "tensor", None)
+
+
+def test_models_load_sharded_tensor_by_tensor(tmp_path):
+    """load_model(mesh=...) places each parameter per its logical axes (embed on fsdp, vocab/heads on tensor)."""
+    from convert.registry import load_model
+    from tests.tiny import write_tiny_checkpoints
+
+    ckpts = write_tiny_checkpoints(tmp_path)
+    mesh = parallel.make_mesh("fsdp=4,tensor=2")
+    t5, _ = load_model("t5", ckpts["t5"], mesh=mesh)
+    emb = t5.embedding[...]
+    assert emb.sharding.spec == P("tensor", "fsdp") and len(emb.addressable_shards) == 8
+    stdit3, _ = load_model("stdit3", ckpts["stdit3"], mesh=mesh)
+    qkv = stdit3.blocks.spatial.attn.qkv_kernel[...]
+    assert tuple(qkv.sharding.spec)[:4] == (None, "fsdp", None, "tensor")
+    assert qkv.addressable_shards[0].data.shape == (qkv.shape[0], qkv.shape[1] // 4, 3, qkv.shape[3] // 2, qkv.shape[4])

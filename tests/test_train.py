@@ -112,3 +112,14 @@ def test_missing_and_corrupt_files_are_skipped_and_reported(setup, tmp_path):
     summary = train(config)
     assert summary["step"] == 4
     assert sum(summary["skipped"].values()) >= 2, summary
+
+
+def test_training_on_a_mesh_matches_one_device(setup, tmp_path):
+    """The same run on fsdp=2 x data=... fake devices logs the same losses as on one device."""
+    single = _config(setup, tmp_path / "single", steps=3)
+    train(single)
+    sharded = _config(setup, tmp_path / "sharded", steps=3, mesh="data=2,fsdp=2,tensor=2")
+    train(sharded)
+    a, b = _losses(tmp_path / "single"), _losses(tmp_path / "sharded")
+    for step in a:
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=2e-4), step

@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.t5 = ""
     c.tokenizer = ""  # default: the T5 checkpoint directory
     c.attention = "xla"  # xla | cudnn
+    c.mesh = ""  # device mesh, e.g. "sequence=8" or "data=2,sequence=4"; empty = one device
     # Scheduler (RFLOW kwargs).
     c.scheduler = ml_collections.ConfigDict(dict(
         num_sampling_steps=30, num_timesteps=1000, cfg_scale=7.0, use_timestep_transform=True,

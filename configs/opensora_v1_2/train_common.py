@@ -27,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.param_dtype = "float32"
     c.remat = True
     c.attention = "xla"
+    c.mesh = ""  # device mesh, e.g. "fsdp=8" or "data=-1,fsdp=8"; empty = one device
     c.freeze_y_embedder = True
     c.only_train_temporal = False
     # Frozen encoders (on-the-fly encoding), unless data.features is set.

@@ -139,13 +139,30 @@ def export_model(graphdef, state, out_dir, *, config: dict, use_ema: bool = True
                           extra_meta={"step": int(state.step), "ema": use_ema})
 
 
+def _step(graphdef, tx, step_cfg, state, inputs, mesh):
+    """One train_step, with the batch split over the mesh and the model's sharding constraints active."""
+    if mesh is None:
+        return train_step(graphdef, tx, step_cfg, state, inputs)
+    from opensora_jax.parallel import shard_batch, sharding_context
+
+    with sharding_context(mesh):
+        return train_step(graphdef, tx, step_cfg, state, shard_batch(inputs, mesh))
+
+
 def train(config: ml_collections.ConfigDict, *, stop_after: int | None = None) -> dict:
     """Runs (or resumes) training to `config.steps` updates; `stop_after` ends early (tests). Returns a summary."""
     out_dir = pathlib.Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / "config.json", config.to_dict())
 
+    mesh = None
+    if config.get("mesh"):
+        from opensora_jax.parallel import make_mesh, shard_params
+
+        mesh = make_mesh(config.mesh)
     model = build_model(config)
+    if mesh is not None:
+        shard_params(model, mesh)  # optimizer state and EMA inherit these placements
     cfg = model.cfg
     tx = make_optimizer(**config.optimizer.to_dict())
     trainable = trainable_filter(freeze_y_embedder=config.freeze_y_embedder, only_train_temporal=config.only_train_temporal)
@@ -177,7 +194,7 @@ def train(config: ml_collections.ConfigDict, *, stop_after: int | None = None) -
                 print(f"data exhausted after step {step}", flush=True)
                 break
             inputs = encoder(batch, step)
-            state, metrics = train_step(graphdef, tx, step_cfg, state, inputs)
+            state, metrics = _step(graphdef, tx, step_cfg, state, inputs, mesh)
             step += 1
             record = {"step": step, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
                       "shape": list(inputs["x0"].shape), "time_s": round(time.perf_counter() - started, 3)}
