@@ -53,14 +53,14 @@ LIST_FIELDS = {"prompts", "reference_path", "mask_strategy"}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from opensora_jax.config_utils import add_flags
+
     parser = argparse.ArgumentParser(prog="python sample.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG),
                         help="ml_collections config file with get_config() (default: configs/opensora_v1_2/sample.py); "
                         "override any field with --config.FIELD=VALUE")
-    for flag, (field, kind, text) in FLAGS.items():
-        parser.add_argument(flag, type=kind, default=None, action="append" if field in LIST_FIELDS else "store",
-                            help=f"{text} [config: {field}]")
+    add_flags(parser, FLAGS, LIST_FIELDS)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars [config: progress=False]")
     parser.add_argument("--no-clean-captions", action="store_true",
                         help="skip the reference's caption cleaning [config: clean_captions=False]")
@@ -68,21 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_config(argv: list[str]):
-    from opensora_jax.config_utils import apply_overrides, load_config_file, split_config_overrides
+    from opensora_jax.config_utils import config_from_cli
 
-    rest, overrides = split_config_overrides(argv)
-    args = build_parser().parse_args(rest)
-    config = load_config_file(args.config)
-    apply_overrides(config, overrides)
-    for flag, (field, _, _) in FLAGS.items():
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
-        if value is None:
-            continue
-        node, leaf = config, field
-        if "." in field:
-            parent, leaf = field.split(".")
-            node = config[parent]
-        node[leaf] = list(value) if field in LIST_FIELDS else value
+    config, args = config_from_cli(argv, build_parser(), FLAGS, LIST_FIELDS)
     if args.no_progress:
         config.progress = False
     if args.no_clean_captions:
@@ -101,8 +89,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from opensora_jax.config_utils import run_cli
+
+    sys.exit(run_cli(main))

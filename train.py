@@ -27,28 +27,21 @@ FLAGS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from opensora_jax.config_utils import add_flags
+
     parser = argparse.ArgumentParser(prog="python train.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True,
                         help="ml_collections config file (configs/opensora_v1_2/train_stage1.py, configs/demo/...); "
                         "override any field with --config.FIELD=VALUE")
-    for flag, (field, kind, text) in FLAGS.items():
-        parser.add_argument(flag, type=kind, default=None, help=f"{text} [config: {field}]")
+    add_flags(parser, FLAGS)
     return parser
 
 
 def make_config(argv):
-    from opensora_jax.config_utils import apply_overrides, load_config_file, split_config_overrides
+    from opensora_jax.config_utils import config_from_cli
 
-    rest, overrides = split_config_overrides(argv)
-    args = build_parser().parse_args(rest)
-    config = load_config_file(args.config)
-    apply_overrides(config, overrides)
-    for flag, (field, _, _) in FLAGS.items():
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
-        if value is not None:
-            apply_overrides(config, {field: str(value)})
-    return config
+    return config_from_cli(argv, build_parser(), FLAGS)[0]
 
 
 def main(argv=None) -> int:
@@ -62,8 +55,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from opensora_jax.config_utils import run_cli
+
+    sys.exit(run_cli(main))

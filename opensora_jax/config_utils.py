@@ -80,3 +80,43 @@ def split_config_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def config_from_cli(argv: list[str], parser, flags: dict[str, tuple], list_fields=frozenset()):
+    """The CLIs' shared path: `--config FILE`, then `--config.a.b=v` overrides, then plain flags.
+
+    `flags` maps "--flag" → (dotted config field, type, help); list fields collect repeated flags.
+    Returns (config, parsed argparse namespace).
+    """
+    rest, overrides = split_config_overrides(argv)
+    args = parser.parse_args(rest)
+    config = load_config_file(args.config)
+    apply_overrides(config, overrides)
+    for flag, (field, _, _) in flags.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is None:
+            continue
+        *parents, leaf = field.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        node[leaf] = list(value) if field in list_fields else value
+    return config, args
+
+
+def add_flags(parser, flags: dict[str, tuple], list_fields=frozenset()) -> None:
+    """Adds each "--flag" of `flags` with its help text and the config field it sets."""
+    for flag, (field, kind, text) in flags.items():
+        parser.add_argument(flag, type=kind, default=None, action="append" if field in list_fields else "store",
+                            help=f"{text} [config: {field}]")
+
+
+def run_cli(main, argv=None) -> int:
+    """Runs a CLI's main(); user errors print one `error: ...` line and exit with status 2."""
+    import sys
+
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -91,6 +91,16 @@ def load_case(path: str | pathlib.Path) -> Case:
     return Case(path=path, meta=meta, arrays=arrays)
 
 
+def to_channels_last(x) -> np.ndarray:
+    """Reference layout B C T H W → ours, B T H W C."""
+    return np.moveaxis(np.asarray(x), 1, -1)
+
+
+def to_channels_first(x) -> np.ndarray:
+    """Ours, B T H W C → reference layout B C T H W."""
+    return np.moveaxis(np.asarray(x), -1, 1)
+
+
 def relative_error(ours: np.ndarray, expected: np.ndarray) -> float:
     """max|ours - expected| / max|expected| (the fixture README's rule); inf on shape mismatch or NaN."""
     ours = np.asarray(ours, dtype=np.float64)

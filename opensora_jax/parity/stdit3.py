@@ -5,19 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from opensora_jax.parity.core import to_channels_first, to_channels_last
 from flax import nnx
 
 from opensora_jax.models.stdit3 import STDiT3Config
-
-
-def to_channels_last(x: np.ndarray) -> np.ndarray:
-    """B C T H W → B T H W C."""
-    return np.moveaxis(x, 1, -1)
-
-
-def to_channels_first(x) -> np.ndarray:
-    """B T H W C → B C T H W."""
-    return np.moveaxis(np.asarray(x), -1, 1)
 
 
 def load_stdit3(config: dict, weights_path):

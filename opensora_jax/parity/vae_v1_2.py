@@ -9,17 +9,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from opensora_jax.parity.core import to_channels_first, to_channels_last
+
 from opensora_jax.models.vae.opensora_v1_2 import OpenSoraVAEConfig, decode_jit, encode_jit
-
-
-def to_channels_last(x: np.ndarray) -> np.ndarray:
-    """B C T H W → B T H W C."""
-    return np.moveaxis(x, 1, -1)
-
-
-def to_channels_first(x) -> np.ndarray:
-    """B T H W C → B C T H W."""
-    return np.moveaxis(np.asarray(x), -1, 1)
 
 
 def load_vae(config: dict, weights_path):
