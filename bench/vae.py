@@ -190,17 +190,17 @@ def main(argv=None) -> int:
     p.add_argument(
         "--arch", default="released", help="'released' (full width, random weights), 'tiny', or a JSON config file"
     )
-    p.add_argument("--frames", type=int, default=51)
-    p.add_argument("--height", type=int, default=240)
-    p.add_argument("--width", type=int, default=426)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--frames", type=int, default=51, help="pixel frames of the video (default 51)")
+    p.add_argument("--height", type=int, default=240, help="pixel height (default 240: 240p 9:16)")
+    p.add_argument("--width", type=int, default=426, help="pixel width (default 426: 240p 9:16)")
+    p.add_argument("--batch", type=int, default=1, help="videos per call (default 1)")
     p.add_argument("--modes", default="decode,encode", help="comma list of decode, encode")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma list of float32, bfloat16")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per mode after compilation")
     p.add_argument("--memory-frames", default="", help="comma list of frame counts for the compile-only memory scan")
     p.add_argument("--memory-only", action="store_true", help="only the compile-only memory scan")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. why the run was reduced)")
-    p.add_argument("--out-dir", default=str(RESULTS))
+    p.add_argument("--out-dir", default=str(RESULTS), help="where the JSON goes (default bench/results)")
     args = p.parse_args(argv)
 
     if args.arch in ARCHS:
