@@ -48,6 +48,10 @@ def main(argv=None) -> int:
     flat = load_flat(module, args.src, config, abstract, dtype=jnp.dtype(args.dtype), allow_pickle=args.allow_pickle)
     out = save_converted(args.out_dir, flat, config=config, model=args.model, overwrite=args.overwrite,
                          extra_meta={"source": str(args.src), "dtype": args.dtype})
+    if hasattr(module, "after_save"):
+        copied = module.after_save(args.src, out)
+        if copied:
+            print(f"copied {', '.join(copied)} into {out / 'tokenizer'}")
     n_params = sum(a.size for a in flat.values())
     print(f"converted {len(flat)} arrays ({n_params:,} values, {args.dtype}) from {args.src} → {out} "
           f"in {time.time() - start:.1f}s")

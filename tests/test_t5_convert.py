@@ -179,3 +179,23 @@ def test_cli_api_present():
     assert isinstance(ct5.DESCRIPTION, str) and ct5.DESCRIPTION
     for name in ("table", "abstract_model", "config_from_source"):
         assert callable(getattr(ct5, name))
+
+
+def test_cli_copies_the_tokenizer_into_the_converted_directory(fixtures_dir, tmp_path):
+    """python -m convert t5 keeps the tokenizer beside the weights, where sample.py looks by default."""
+    import shutil
+    import subprocess
+    import sys
+
+    from opensora_jax.pipeline import default_tokenizer_dir
+    from opensora_jax.text import load_tokenizer
+    from tests.tiny import write_spiece
+
+    src = tmp_path / "src"
+    shutil.copytree(fixtures_dir / "opensora_v1_2" / "t5_tiny", src)
+    write_spiece(src)
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "convert", "t5", str(src), str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert default_tokenizer_dir(out) == out / "tokenizer"
+    assert load_tokenizer(out / "tokenizer")("a red circle")["input_ids"][-1] == 1  # ends with </s>
