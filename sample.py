@@ -44,9 +44,9 @@ FLAGS = {
     "--attention": ("attention", str, "attention kernel: xla (default) or cudnn (NVIDIA GPUs)"),
     "--mesh": ("mesh", str, "device mesh, e.g. 'sequence=8' (sequence parallel over 8 GPUs) or 'data=2,sequence=4'; "
                "axes data/fsdp/tensor/sequence, -1 fills the rest; default: one device"),
-    "--stdit3": ("stdit3", str, "STDiT3 checkpoint: a converted directory or the reference's safetensors"),
-    "--vae": ("vae", str, "VAE checkpoint: a converted directory or the reference's safetensors"),
-    "--t5": ("t5", str, "T5 encoder checkpoint: a converted directory or a transformers T5 directory"),
+    "--stdit3": ("stdit3", str, "STDiT3 checkpoint: a converted directory, the reference's safetensors, or a hub id in the local cache"),
+    "--vae": ("vae", str, "VAE checkpoint: a converted directory, the reference's safetensors, or a hub id in the local cache"),
+    "--t5": ("t5", str, "T5 encoder checkpoint: a converted directory, a transformers T5 directory, or a hub id in the local cache"),
     "--tokenizer": ("tokenizer", str, "T5 tokenizer directory (spiece.model or tokenizer.json); default: the T5 directory"),
 }
 LIST_FIELDS = {"prompts", "reference_path", "mask_strategy"}

@@ -49,6 +49,25 @@ def materialize(abstract_module, flat: dict[str, np.ndarray], mesh=None):
     return nnx.merge(graphdef, state)
 
 
+def resolve_checkpoint(path_or_repo, what: str = "checkpoint") -> pathlib.Path:
+    """A local path as is; otherwise a hub id ("org/name") resolved to its snapshot in the local Hugging
+    Face cache. Nothing is downloaded: a repo absent from the cache raises an error naming it."""
+    path = pathlib.Path(path_or_repo)
+    if path.exists():
+        return path
+    text = str(path_or_repo)
+    if text.count("/") == 1 and not text.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return pathlib.Path(snapshot_download(text, local_files_only=True))
+        except Exception as e:  # noqa: BLE001 - hub errors vary by version; all mean "not available offline"
+            raise FileNotFoundError(
+                f"{what} {text!r} is not a local path and not in the local Hugging Face cache (nothing is "
+                f"downloaded; fetch it on a connected machine): {type(e).__name__}") from None
+    raise FileNotFoundError(f"{what} {path} does not exist")
+
+
 def load_model(name: str, path, *, config: dict | None = None, dtype=None, allow_pickle: bool = False, mesh=None):
     """Loads model `name` from a converted directory or from the reference's own weight files.
 
@@ -58,9 +77,7 @@ def load_model(name: str, path, *, config: dict | None = None, dtype=None, allow
     Returns (module, config dict).
     """
     module = converter(name)
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    path = resolve_checkpoint(path, f"{name} checkpoint")
     if config is None:
         config = resolve_config(name, path)
     abstract = module.abstract_model(config, dtype)

@@ -33,6 +33,7 @@ class Generation:
     prompts_sent: list[str]  # per sample, as given to T5 (suffixes and cleaning applied; loop form joined)
     seed: int
     timings: dict[str, float]
+    latents: list[np.ndarray] = dataclasses.field(default_factory=list)  # per loop clip: (B, T', H', W', 4)
 
 
 class Pipeline:
@@ -56,14 +57,14 @@ class Pipeline:
         """
         from opensora_jax.parallel import make_mesh
 
-        from convert.registry import load_model, resolve_config
+        from convert.registry import load_model, resolve_checkpoint, resolve_config
         from opensora_jax.text import TextEncoder
 
         for name, path in (("stdit3", stdit3), ("vae", vae), ("t5", t5)):
             if not path:
-                raise ValueError(f"no {name} checkpoint given (a converted directory or the reference weights)")
-            if not pathlib.Path(path).exists():
-                raise FileNotFoundError(f"{name} checkpoint {path} does not exist")
+                raise ValueError(f"no {name} checkpoint given (a converted directory, the reference weights, "
+                                 "or a hub id in the local cache)")
+        stdit3, vae, t5 = (resolve_checkpoint(p, f"{n} checkpoint") for n, p in (("stdit3", stdit3), ("vae", vae), ("t5", t5)))
         dt = jnp.dtype(dtype)
         if isinstance(mesh, str):
             mesh = make_mesh(mesh) if mesh else None
@@ -146,7 +147,7 @@ class Pipeline:
                 (("height", height), ("width", width), ("num_frames", num_frames),
                  ("fps", presets.model_fps(fps, num_frames)))}
 
-        clips = []
+        clips, latents = [], []
         for loop_i in range(loop):
             if loop_i > 0:
                 t0 = time.perf_counter()
@@ -170,8 +171,10 @@ class Pipeline:
             timings["denoise_s"] = timings.get("denoise_s", 0.0) + time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            video = decode_jit(self.vae, samples.astype(self.dtype), num_frames)
-            clips.append(jax.block_until_ready(video))
+            with _stage_bar("VAE decode", enabled=progress):
+                video = jax.block_until_ready(decode_jit(self.vae, samples.astype(self.dtype), num_frames))
+            clips.append(video)
+            latents.append(np.asarray(samples))
             timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - t0
 
         videos = np.stack([
@@ -179,7 +182,7 @@ class Pipeline:
             for i in range(b)
         ])
         timings["total_s"] = time.perf_counter() - start
-        return Generation(videos=videos, prompts_sent=sent, seed=seed, timings=timings)
+        return Generation(videos=videos, prompts_sent=sent, seed=seed, timings=timings, latents=latents)
 
     def _encode_references(self, ref_paths, size, key, timings) -> list[list]:
         """Each prompt's references, VAE-encoded (sampled posteriors, as the reference) to (T', H', W', 4)."""
@@ -194,6 +197,25 @@ class Pipeline:
         if any(encoded):
             timings["encode_refs_s"] = time.perf_counter() - t0
         return encoded
+
+
+class _stage_bar:
+    """A one-step progress bar around a long compiled call (e.g. the VAE decode), showing its elapsed time."""
+
+    def __init__(self, desc: str, enabled: bool):
+        self.desc, self.enabled, self.bar = desc, enabled, None
+
+    def __enter__(self):
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=1, desc=self.desc, unit="call")
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.close()
 
 
 def default_tokenizer_dir(t5_path) -> pathlib.Path:
