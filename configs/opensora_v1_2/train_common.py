@@ -26,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dtype = "bfloat16"
     c.param_dtype = "float32"
     c.remat = True
-    c.attention = "xla"
+    c.attention = "xla"  # xla | cudnn (NVIDIA GPU, bf16/fp16) | splash (TPU); otherwise falls back to xla
     c.mesh = ""  # device mesh, e.g. "fsdp=8" or "data=-1,fsdp=8"; empty = one device
     c.freeze_y_embedder = True
     c.only_train_temporal = False
