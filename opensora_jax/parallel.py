@@ -22,6 +22,9 @@ Activation names (used by `constrain`; parameter names come from the models):
   act_attn_heads  heads inside spatial attention  → ("tensor", "sequence") (the Ulysses all-to-all)
   act_mlp         MLP hidden units                → "tensor"
   act_text        caption tokens L                → replicated
+  act_vae_items   VAE work items (whole videos, temporal chunks, single frames) → every axis: the VAE has no
+                  heads or tokens for tensor/sequence to split, and its items are independent (see
+                  `opensora_jax.models.vae.layers.sharded_item_map`)
 
 Resolution rules (`logical_to_mesh_sharding`): an entry of a logical spec may be None, one name, or a tuple of
 names (their mesh axes are concatenated, e.g. (B·S) after a reshape). Mesh axes missing from the mesh or of
@@ -85,6 +88,7 @@ LOGICAL_AXIS_RULES: dict[str, MeshAxes] = {
     "act_attn_heads": ("tensor", "sequence"),
     "act_mlp": "tensor",
     "act_text": None,
+    "act_vae_items": ("data", "fsdp", "tensor", "sequence"),
 }
 
 
@@ -308,6 +312,28 @@ def current_mesh() -> Mesh | None:
     """The mesh of the active `sharding_context`, or None."""
     active = _CONTEXT.get()
     return None if active is None else active[0]
+
+
+def active_rules() -> Mapping[str, MeshAxes]:
+    """The rules of the active `sharding_context`, else `LOGICAL_AXIS_RULES`."""
+    active = _CONTEXT.get()
+    return LOGICAL_AXIS_RULES if active is None else active[1]
+
+
+def logical_axis_size(entry: LogicalEntry, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None) -> int:
+    """How many devices one logical entry splits over on `mesh`: the product of its mesh axes' sizes."""
+    rules = LOGICAL_AXIS_RULES if rules is None else rules
+    mesh_shape = dict(mesh.shape)
+    return math.prod(mesh_shape.get(axis, 1) for axis in dict.fromkeys(_mesh_axes_of(entry, rules)))
+
+
+def constrain_on(
+    x: jax.Array, logical_axes: Sequence[LogicalEntry], mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None
+) -> jax.Array:
+    """`with_sharding_constraint` by logical names on an explicit `mesh` (no `sharding_context` needed)."""
+    if len(logical_axes) != x.ndim:
+        raise ValueError(f"constrain_on: logical axes {tuple(logical_axes)} given for an array of shape {x.shape}")
+    return jax.lax.with_sharding_constraint(x, logical_to_mesh_sharding(logical_axes, mesh, rules, x.shape))
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[LogicalEntry]) -> jax.Array:

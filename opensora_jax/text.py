@@ -22,6 +22,7 @@ from flax import nnx
 
 from opensora_jax import captions
 from opensora_jax.models.t5 import T5Encoder
+from opensora_jax.parallel import constrain
 
 MODEL_MAX_LENGTH = 300
 VOCAB_FILES = ("spiece.model", "tokenizer.json")
@@ -124,7 +125,9 @@ def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int = MODEL_MA
 
 @nnx.jit
 def _encode(model: T5Encoder, ids: jax.Array, mask: jax.Array) -> jax.Array:
-    return model(ids, mask)
+    # Inside a sharding_context the prompts are split over the batch axes (a no-op without one).
+    ids, mask = (constrain(a, ("act_batch", "act_text")) for a in (ids, mask))
+    return constrain(model(ids, mask), ("act_batch", "act_text", "act_embed"))
 
 
 class TextEncoder:

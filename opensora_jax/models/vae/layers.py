@@ -133,9 +133,13 @@ def diagonal_gaussian(moments: jax.Array, key: jax.Array | None) -> tuple[jax.Ar
     logvar = jnp.clip(logvar, -30.0, 20.0)
     if key is None:
         return mean, mean, logvar
+    return gaussian_sample(mean, logvar, jax.random.normal(key, mean.shape, jnp.float32)), mean, logvar
+
+
+def gaussian_sample(mean: jax.Array, logvar: jax.Array, noise: jax.Array) -> jax.Array:
+    """mean + exp(logvar / 2) · noise, in float32, returned in mean's dtype (`noise`: float32 standard normal)."""
     std = jnp.exp(0.5 * logvar.astype(jnp.float32))
-    noise = jax.random.normal(key, mean.shape, jnp.float32)
-    return (mean.astype(jnp.float32) + std * noise).astype(mean.dtype), mean, logvar
+    return (mean.astype(jnp.float32) + std * noise).astype(mean.dtype)
 
 
 def chunked_apply(
@@ -146,6 +150,7 @@ def chunked_apply(
     full_fn: Callable[[jax.Array, jax.Array], object],
     last_fn: Callable[[jax.Array], object] | None = None,
     axis: int = 1,
+    place: Callable[[jax.Array], jax.Array] | None = None,
 ):
     """Concatenation along `axis` of `full_fn` over `num_full` chunks of `size`, then `last_fn` on the rest.
 
@@ -157,6 +162,9 @@ def chunked_apply(
     buffer, and the short chunk is written into the same buffer afterwards. Peak memory is thus
     the output plus one chunk's working set, independent of the number of chunks (no stacked
     per-chunk results, no final concatenate/transpose copy).
+
+    `place`, if given, is applied to every output buffer when it is created and after every write (e.g. a
+    sharding constraint, so that the loop carry keeps the layout of the chunk results).
     """
     length = x.shape[axis]
     rest = length - num_full * size
@@ -176,14 +184,15 @@ def chunked_apply(
     # Per output leaf: length along `axis` of one full chunk's result and of the short chunk's.
     full_len = [leaf.shape[axis] for leaf in jax.tree_util.tree_leaves(full_spec)] if num_full else [0] * len(ref)
     last_len = [leaf.shape[axis] for leaf in jax.tree_util.tree_leaves(last_spec)] if rest else [0] * len(ref)
+    place = place or (lambda buf: buf)
     out = [
-        jnp.zeros(r.shape[:axis] + (num_full * f + l,) + r.shape[axis + 1 :], r.dtype)
+        place(jnp.zeros(r.shape[:axis] + (num_full * f + l,) + r.shape[axis + 1 :], r.dtype))
         for r, f, l in zip(ref, full_len, last_len)
     ]
 
     def write(bufs, results, offsets):
         return [
-            jax.lax.dynamic_update_slice_in_dim(buf, y.astype(buf.dtype), o, axis=axis)
+            place(jax.lax.dynamic_update_slice_in_dim(buf, y.astype(buf.dtype), o, axis=axis))
             for buf, y, o in zip(bufs, jax.tree_util.tree_leaves(results), offsets)
         ]
 
@@ -200,3 +209,57 @@ def chunked_apply(
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+ITEMS_AXIS = "act_vae_items"
+
+
+def item_devices(mesh, rules=None) -> int:
+    """Devices that `sharded_item_map` splits items over on `mesh` (1: no split)."""
+    from opensora_jax.parallel import logical_axis_size
+
+    return logical_axis_size(ITEMS_AXIS, mesh, rules)
+
+
+def sharded_item_map(
+    fn: Callable[[jax.Array], object], x: jax.Array, *, mesh, rules=None, micro: int | None, gather: bool = False
+):
+    """`fn` over the leading (item) axis of `x`, the items split evenly over the devices of `mesh`.
+
+    The items (videos, temporal chunks or frames: anything `fn` treats independently) are padded with zero
+    items to `D·k` (D = `item_devices(mesh)`, k = ⌈N/D⌉), laid out as (D, k, ...) with the D axis on the mesh
+    axes of the logical "act_vae_items", and run `micro` per device at a time (None: all k): each step hands
+    `fn` a (D·m, ...) batch whose rows are split D ways, so every device computes only its own m items. Device d
+    owns items d·k ... d·k + k − 1. `fn` may return a pytree; every leaf must keep the leading item axis.
+    Padding items are computed (on otherwise idle devices) and dropped; `fn` must not mix items.
+    `gather=True` replicates the results on every device (for small results that the next stage re-splits).
+    """
+    from opensora_jax.parallel import constrain_on, replicated
+
+    n = x.shape[0]
+    d = item_devices(mesh, rules)
+    k = ceil_div(n, d)
+    if d * k != n:
+        x = jnp.pad(x, [(0, d * k - n)] + [(0, 0)] * (x.ndim - 1))
+
+    def place(a):
+        return constrain_on(a, (ITEMS_AXIS,) + (None,) * (a.ndim - 1), mesh, rules)
+
+    def run(chunk, index=None):
+        m = chunk.shape[1]
+        y = fn(place(chunk).reshape((d * m,) + chunk.shape[2:]))
+        return jax.tree.map(lambda a: place(a.reshape((d, m) + a.shape[1:])), y)
+
+    size = k if not micro else min(int(micro), k)
+    out = chunked_apply(
+        place(x.reshape((d, k) + x.shape[1:])),
+        size=size,
+        num_full=k // size,
+        full_fn=run,
+        last_fn=run,
+        axis=1,
+        place=place,
+    )
+    if gather:
+        out = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, replicated(mesh)), out)
+    return jax.tree.map(lambda a: a.reshape((d * k,) + a.shape[2:])[:n], out)

@@ -12,6 +12,14 @@ latents (the short last chunk decodes to the remaining frame count) → per-fram
 Memory: the full chunks run in a `fori_loop` writing into one preallocated output, the short
 last chunk once after it, and the 2D VAE runs `micro_batch_size` frames at a time inside each
 chunk. Peak memory beyond the output is one chunk's working set, whatever the frame count.
+
+On a device mesh (`mesh=` or an active `opensora_jax.parallel.sharding_context`) the work is split
+over every device, whatever the mesh axes are called: the temporal VAE over the (video, chunk) pairs —
+chunks are independent, each decoded/encoded with its own causal padding — and the 2D VAE over single
+frames, `micro_batch_size` frames per device at a time (see `sharded_item_map`). A batch of one video
+with three 17-frame chunks thus keeps 3 devices busy in the temporal VAE and all of them in the 2D VAE.
+The two stages meet in the small 4-channel latent-resolution tensor. Results equal the one-device ones
+(posterior samples included: the noise is drawn with the one-device keys and shapes).
 """
 
 from __future__ import annotations
@@ -23,10 +31,25 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from opensora_jax.models.layers import buffer
-from opensora_jax.models.vae.layers import chunked_apply, diagonal_gaussian
-from opensora_jax.models.vae.spatial import AutoencoderKL, SpatialVAEConfig, decode_frames, encode_frames
+from opensora_jax.models.vae.layers import (
+    ceil_div,
+    chunked_apply,
+    diagonal_gaussian,
+    gaussian_sample,
+    item_devices,
+    sharded_item_map,
+)
+from opensora_jax.models.vae.spatial import (
+    SPATIAL_LATENT_SCALE,
+    AutoencoderKL,
+    SpatialVAEConfig,
+    _micro_batches,
+    decode_frames,
+    encode_frames,
+)
 from opensora_jax.models.vae.temporal import TemporalVAE, TemporalVAEConfig
 
 SHIFT = (-0.10, 0.34, 0.27, 0.98)
@@ -217,15 +240,26 @@ class OpenSoraVAE(nnx.Module):
 
     # ---------------------------------------------------------------- encode / decode
 
-    def encode(self, video: jax.Array, *, sample_key: jax.Array | None = None, return_intermediates: bool = False):
+    def encode(
+        self,
+        video: jax.Array,
+        *,
+        sample_key: jax.Array | None = None,
+        return_intermediates: bool = False,
+        mesh: Mesh | None = None,
+    ):
         """Video (B, T, H, W, 3) in [-1, 1] → normalised latent z (B, T', ⌊H/8⌋, ⌊W/8⌋, 4).
 
         `sample_key=None` uses the posterior means of both VAEs; with a key both posteriors are
         sampled as in the reference. With `return_intermediates=True` returns (z, dict) where the
         dict holds `x_z` (2D latents ×0.18215, (B, T, H', W', 4)), `temporal_mean` and
         `temporal_logvar` ((B, T', H', W', 4), before shift/scale).
+        `mesh` (default: the mesh of an active `sharding_context`) splits the work over its devices.
         """
         self._check_video(video)
+        split = _item_split(mesh)
+        if split is not None:
+            return self._encode_split(video, sample_key, return_intermediates, *split)
         cfg = self.config
         t = video.shape[1]
         mfs = cfg.micro_frame_size or t
@@ -259,14 +293,18 @@ class OpenSoraVAE(nnx.Module):
             return z, out
         return out
 
-    def decode(self, z: jax.Array, num_frames: int, *, return_intermediates: bool = False):
+    def decode(self, z: jax.Array, num_frames: int, *, return_intermediates: bool = False, mesh: Mesh | None = None):
         """Normalised latent z (B, T', H', W', 4) → video (B, num_frames, 8·H', 8·W', 3).
 
         `num_frames` is the pixel frame count z was encoded from (T' must equal
         `latent_size(num_frames, ...)[0]`). With `return_intermediates=True` returns (video, dict)
         with `x_z_dec`: the temporal decoder output (B, num_frames, H', W', 4), input of the 2D decoder.
+        `mesh` (default: the mesh of an active `sharding_context`) splits the work over its devices.
         """
         num_frames = self._check_latent(z, num_frames)
+        split = _item_split(mesh)
+        if split is not None:
+            return self._decode_split(z, num_frames, return_intermediates, *split)
         cfg = self.config
         mfs = cfg.micro_frame_size or num_frames
         mz = cfg.temporal.latent_frames(mfs)
@@ -292,17 +330,175 @@ class OpenSoraVAE(nnx.Module):
             return x, out
         return out
 
+    # ---------------------------------------------------------------- the same, split over a mesh
 
-@nnx.jit(static_argnames=("return_intermediates",))
-def encode_jit(model: OpenSoraVAE, video: jax.Array, sample_key: jax.Array | None = None, return_intermediates=False):
+    def _encode_split(self, video, sample_key, return_intermediates, mesh, rules):
+        """`encode` with the 2D VAE split over frames and the temporal VAE over (video, chunk) pairs."""
+        cfg = self.config
+        b, t = video.shape[:2]
+        chunks = _chunks(t, cfg.micro_frame_size or t)
+        chunk_keys = [None] * len(chunks)
+        if sample_key is not None:
+            chunk_keys = [jax.random.split(jax.random.fold_in(sample_key, i)) for i in range(len(chunks))]
+        scale = self.scale[...].astype(self.dtype)
+        shift = self.shift[...].astype(self.dtype)
+
+        # 2D VAE, frame by frame over all devices; the posterior noise per chunk as `encode_frames` draws it.
+        frames = video.astype(self.dtype).reshape((b * t,) + video.shape[2:])
+        spatial, temporal = _gathered(self.spatial, mesh), _gathered(self.temporal, mesh)
+        moments = sharded_item_map(
+            spatial.moments, frames, mesh=mesh, rules=rules, micro=cfg.micro_batch_size, gather=True
+        )
+        x_z, mean, logvar = diagonal_gaussian(moments.reshape((b, t) + moments.shape[1:]), None)
+        if sample_key is not None:
+            noise = [_spatial_noise(k[0], (b, n) + mean.shape[2:], cfg.micro_batch_size) for k, (_, n) in
+                     zip(chunk_keys, chunks)]
+            x_z = gaussian_sample(mean, logvar, jnp.concatenate(noise, axis=1))
+        x_z = _whole(x_z * jnp.asarray(SPATIAL_LATENT_SCALE, x_z.dtype), mesh)
+
+        # Temporal VAE over the (video, chunk) pairs: the full chunks together, the short last one alone.
+        per_device = ceil_div(b, item_devices(mesh, rules))
+        parts = []
+        for start, n, count in _chunk_groups(chunks):
+            items = x_z[:, start : start + n * count]
+            items = items.reshape((b * count, n) + items.shape[2:])
+            out = sharded_item_map(temporal.moments, items, mesh=mesh, rules=rules, micro=per_device, gather=True)
+            parts.append(out.reshape((b, count * out.shape[1]) + out.shape[2:]))
+        sample, mean, logvar = diagonal_gaussian(_whole(jnp.concatenate(parts, axis=1), mesh), None)
+        if sample_key is not None:
+            lat = [self.config.temporal.latent_frames(n) for _, n in chunks]
+            noise = [jax.random.normal(k[1], (b, m) + mean.shape[2:], jnp.float32) for k, m in zip(chunk_keys, lat)]
+            sample = gaussian_sample(mean, logvar, jnp.concatenate(noise, axis=1))
+        z = _batch_split((sample - shift) / scale, mesh, rules)
+        if return_intermediates:
+            return z, {"x_z": x_z, "temporal_mean": mean, "temporal_logvar": logvar}
+        return z
+
+    def _decode_split(self, z, num_frames, return_intermediates, mesh, rules):
+        """`decode` with the temporal VAE split over (video, chunk) pairs and the 2D VAE over frames."""
+        cfg = self.config
+        b = z.shape[0]
+        chunks = _chunks(num_frames, cfg.micro_frame_size or num_frames)
+        scale = self.scale[...].astype(self.dtype)
+        shift = self.shift[...].astype(self.dtype)
+        z = _whole(z.astype(self.dtype) * scale + shift, mesh)
+
+        spatial, temporal = _gathered(self.spatial, mesh), _gathered(self.temporal, mesh)
+        per_device = ceil_div(b, item_devices(mesh, rules))
+        parts, z_start = [], 0
+        for _, n, count in _chunk_groups(chunks):
+            m = cfg.temporal.latent_frames(n)
+            items = z[:, z_start : z_start + m * count]
+            items = items.reshape((b * count, m) + items.shape[2:])
+            out = sharded_item_map(
+                lambda c, n=n: temporal.decode(c, n), items, mesh=mesh, rules=rules, micro=per_device, gather=True
+            )
+            parts.append(out.reshape((b, count * n) + out.shape[2:]))
+            z_start += m * count
+        x_z = _whole(jnp.concatenate(parts, axis=1), mesh)
+
+        frames = x_z.reshape((b * num_frames,) + x_z.shape[2:])
+        x = sharded_item_map(
+            lambda f: spatial.decode(f / jnp.asarray(SPATIAL_LATENT_SCALE, f.dtype)),
+            frames,
+            mesh=mesh,
+            rules=rules,
+            micro=cfg.micro_batch_size,
+        )
+        x = _batch_split(x.reshape((b, num_frames) + x.shape[1:]), mesh, rules)
+        return (x, {"x_z_dec": x_z}) if return_intermediates else x
+
+
+def _item_split(mesh: Mesh | None):
+    """(mesh, rules) when the VAE's work is to be split over `mesh` (or the active context's mesh), else None."""
+    from opensora_jax import parallel
+
+    mesh = parallel.current_mesh() if mesh is None else mesh
+    if mesh is None:
+        return None
+    rules = parallel.active_rules()
+    return (mesh, rules) if item_devices(mesh, rules) > 1 else None
+
+
+def _gathered(module: nnx.Module, mesh: Mesh) -> nnx.Module:
+    """A copy of `module` whose variables are constrained to be whole on every device of `mesh`.
+
+    Work is split over items, so each device needs every weight: gathering the (e.g. fsdp-split) weights
+    once, up front, keeps the partitioner from following the weights' channel split into the activations.
+    """
+    from opensora_jax.parallel import replicated
+
+    graphdef, state = nnx.split(module)
+    state = jax.tree.map(lambda v: jax.lax.with_sharding_constraint(v, replicated(mesh)), state)
+    return nnx.merge(graphdef, state)
+
+
+def _whole(x: jax.Array, mesh: Mesh) -> jax.Array:
+    """`x` replicated on every device of `mesh`: the small latent-resolution tensors between the two stages,
+    so that each stage's split of its items is a local slice and its result one all-gather."""
+    from opensora_jax.parallel import replicated
+
+    return jax.lax.with_sharding_constraint(x, replicated(mesh))
+
+
+def _batch_split(x: jax.Array, mesh: Mesh, rules) -> jax.Array:
+    """The result's layout: batch over ("data", "fsdp") where it divides (like any batch array), else replicated."""
+    from opensora_jax.parallel import constrain_on
+
+    return constrain_on(x, ("act_batch",) + (None,) * (x.ndim - 1), mesh, rules)
+
+
+def _chunks(num_frames: int, micro_frame_size: int) -> list[tuple[int, int]]:
+    """(first frame, frame count) of each temporal chunk: full chunks of `micro_frame_size`, then the rest."""
+    full, rest = divmod(num_frames, micro_frame_size)
+    chunks = [(i * micro_frame_size, micro_frame_size) for i in range(full)]
+    return chunks + [(full * micro_frame_size, rest)] if rest else chunks
+
+
+def _chunk_groups(chunks: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(first frame, frames per chunk, number of chunks) of the runs of equal-length chunks."""
+    groups: list[list[int]] = []
+    for start, n in chunks:
+        if groups and groups[-1][1] == n:
+            groups[-1][2] += 1
+        else:
+            groups.append([start, n, 1])
+    return [tuple(g) for g in groups]
+
+
+def _spatial_noise(key: jax.Array, shape: tuple[int, ...], micro_batch_size: int | None) -> jax.Array:
+    """The float32 posterior noise `encode_frames(..., key=key)` draws for latents of `shape` (B, T, h, w, L):
+    one `normal(fold_in(key, j), ...)` per micro-batch j of the B·T frames, in its order."""
+    b, t = shape[:2]
+    frame = tuple(shape[2:])
+    size, num_full = _micro_batches(b * t, micro_batch_size)
+    parts = []
+    if num_full:
+        keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(num_full, dtype=jnp.int32))
+        noise = jax.vmap(lambda k: jax.random.normal(k, (size,) + frame, jnp.float32))(keys)
+        parts.append(noise.reshape((num_full * size,) + frame))
+    rest = b * t - num_full * size
+    if rest:
+        parts.append(jax.random.normal(jax.random.fold_in(key, num_full), (rest,) + frame, jnp.float32))
+    return jnp.concatenate(parts, axis=0).reshape(shape)
+
+
+@nnx.jit(static_argnames=("return_intermediates", "mesh"))
+def encode_jit(
+    model: OpenSoraVAE,
+    video: jax.Array,
+    sample_key: jax.Array | None = None,
+    return_intermediates=False,
+    mesh: Mesh | None = None,
+):
     """`model.encode` under `nnx.jit` (the chunk loop runs inside one compiled program)."""
-    return model.encode(video, sample_key=sample_key, return_intermediates=return_intermediates)
+    return model.encode(video, sample_key=sample_key, return_intermediates=return_intermediates, mesh=mesh)
 
 
-@nnx.jit(static_argnames=("num_frames", "return_intermediates"))
-def decode_jit(model: OpenSoraVAE, z: jax.Array, num_frames: int, return_intermediates=False):
+@nnx.jit(static_argnames=("num_frames", "return_intermediates", "mesh"))
+def decode_jit(model: OpenSoraVAE, z: jax.Array, num_frames: int, return_intermediates=False, mesh: Mesh | None = None):
     """`model.decode` under `nnx.jit`; recompiles per `num_frames`."""
-    return model.decode(z, num_frames, return_intermediates=return_intermediates)
+    return model.decode(z, num_frames, return_intermediates=return_intermediates, mesh=mesh)
 
 
 def build(
