@@ -74,12 +74,21 @@ class BatchEncoder:
                         mask=jnp.asarray(np.asarray(batch["mask"])), **sizes)
         if self.vae is None or self.text_encoder is None:
             raise ValueError("raw video batches need `vae` and `t5` checkpoints (or train from precomputed features)")
+        x0 = self.encode_video(batch["video"], step)
+        y, mask = self.encode_text(batch["text"])
+        return dict(x0=x0, y=y, mask=mask, **sizes)
+
+    def encode_video(self, video, step: int) -> jax.Array:
+        """Latents (B, T', H', W', C) of a (B, T, H, W, 3) video batch; posterior sampled with key (seed, step)."""
         from opensora_jax.models.vae.opensora_v1_2 import encode_jit
 
-        video = jnp.asarray(np.asarray(batch["video"]), self.vae.dtype)
-        x0 = encode_jit(self.vae, video, jax.random.fold_in(self.key, step))
-        text = self.text_encoder.encode([str(t) for t in np.asarray(batch["text"])])
-        return dict(x0=x0, y=text["y"][:, 0], mask=text["mask"], **sizes)
+        video = jnp.asarray(np.asarray(video), self.vae.dtype)
+        return encode_jit(self.vae, video, jax.random.fold_in(self.key, step))
+
+    def encode_text(self, texts) -> tuple[jax.Array, jax.Array]:
+        """T5 embeddings y (B, L, C) and mask (B, L) of B captions."""
+        text = self.text_encoder.encode([str(t) for t in np.asarray(texts)])
+        return text["y"][:, 0], text["mask"]
 
 
 def make_loader(config: ml_collections.ConfigDict):
@@ -91,10 +100,18 @@ def make_loader(config: ml_collections.ConfigDict):
         return FeatureLoader(data.features, seed=config.seed, num_workers=data.num_workers)
     if not data.get("csv"):
         raise ValueError("no training data: set data.csv (video CSV) or data.features (precomputed features)")
+    return make_video_loader(data.csv, data.bucket_config, resolutions=data.get("resolutions"), seed=config.seed,
+                             frame_interval=data.frame_interval, num_workers=data.num_workers)
+
+
+def make_video_loader(csv, bucket_config, *, resolutions=None, seed: int = 0, frame_interval: int = 1,
+                      num_workers: int = 0, num_epochs: int | None = None):
+    """A VideoLoader of a CSV; bucket_config is a name of `bucket_configs.NAMED_BUCKET_CONFIGS` or a dict,
+    resolutions a name of `NAMED_RESOLUTION_TABLES` (or empty). Shared with `python -m opensora_jax.data.features`."""
     from opensora_jax.data import bucket_configs
     from opensora_jax.data.loader import VideoLoader
 
-    buckets = data.bucket_config
+    buckets = bucket_config
     if isinstance(buckets, str):
         if buckets not in bucket_configs.NAMED_BUCKET_CONFIGS:
             raise ValueError(f"bucket_config {buckets!r} unknown; names: {sorted(bucket_configs.NAMED_BUCKET_CONFIGS)}")
@@ -103,13 +120,13 @@ def make_loader(config: ml_collections.ConfigDict):
         # JSON round trips (config.json, --config overrides) turn frame-count keys into strings.
         buckets = {res: {int(t): tuple(v) if isinstance(v, list) else v for t, v in per_t.items()}
                    for res, per_t in dict(buckets).items()}
-    resolutions = None
-    if data.get("resolutions"):
-        if data.resolutions not in bucket_configs.NAMED_RESOLUTION_TABLES:
-            raise ValueError(f"resolutions {data.resolutions!r} unknown; names: {sorted(bucket_configs.NAMED_RESOLUTION_TABLES)}")
-        resolutions = bucket_configs.NAMED_RESOLUTION_TABLES[data.resolutions]
-    return VideoLoader(data.csv, buckets, seed=config.seed, frame_interval=data.frame_interval,
-                       num_workers=data.num_workers, resolutions=resolutions)
+    table = None
+    if resolutions:
+        if resolutions not in bucket_configs.NAMED_RESOLUTION_TABLES:
+            raise ValueError(f"resolutions {resolutions!r} unknown; names: {sorted(bucket_configs.NAMED_RESOLUTION_TABLES)}")
+        table = bucket_configs.NAMED_RESOLUTION_TABLES[resolutions]
+    return VideoLoader(csv, buckets, seed=seed, frame_interval=frame_interval, num_workers=num_workers,
+                       resolutions=table, num_epochs=num_epochs)
 
 
 def load_frozen_encoders(config: ml_collections.ConfigDict, model_max_length: int):
