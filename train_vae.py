@@ -22,7 +22,8 @@ FLAGS = {
     "--seed": ("seed", int, "seed of init, data order, mixing and posterior sampling"),
     "--csv": ("data.csv", str, "training CSV of videos (path,text,num_frames,height,width,fps)"),
     "--eval-csv": ("eval.csv", str, "held-out CSV: reconstruction L1 at the end (and every eval.every steps)"),
-    "--stage": ("stage", int, "trainable set: 1 temporal VAE, 2 + 2D encoder, 3 everything"),
+    "--stage": ("stage", int, "trainable set: 0 the 2D VAE alone as an image autoencoder (ours), 1 temporal VAE, "
+               "2 + 2D encoder, 3 everything"),
     "--lr": ("optimizer.lr", float, "learning rate (constant)"),
     "--ckpt-every": ("ckpt_every", int, "save a checkpoint every N steps"),
     "--dtype": ("dtype", str, "compute dtype: bfloat16 or float32 (parameters stay float32)"),

@@ -27,6 +27,9 @@ from PIL import Image
 
 # The reference's extension lists (its datasets/utils.py, and torchvision's IMG_EXTENSIONS).
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
+# Ours: a clip stored losslessly as a NumPy array (T, H, W, 3) uint8 — no decoder process per read, which
+# dominates the step time of tiny-model training on small clips (the demo dataset).
+ARRAY_VIDEO_EXTENSIONS = (".npy",)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DEFAULT_CRF = 23  # libx264's own default, which the reference's writer (PyAV) leaves in place
 
@@ -44,8 +47,13 @@ def _extension(path) -> str:
 
 
 def is_video_path(path) -> bool:
-    """True when the file extension is one of VIDEO_EXTENSIONS (case-insensitive)."""
-    return _extension(path) in VIDEO_EXTENSIONS
+    """True when the file extension is one of VIDEO_EXTENSIONS or ARRAY_VIDEO_EXTENSIONS (case-insensitive)."""
+    return _extension(path) in VIDEO_EXTENSIONS + ARRAY_VIDEO_EXTENSIONS
+
+
+def is_array_video_path(path) -> bool:
+    """True for a clip stored as a .npy array (T, H, W, 3) uint8."""
+    return _extension(path) in ARRAY_VIDEO_EXTENSIONS
 
 
 def is_image_path(path) -> bool:
@@ -62,14 +70,39 @@ def read_video(path) -> Video:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path!r}")
+    if is_array_video_path(path):
+        return Video(frames=read_array_video(path), fps=None)
     if is_video_path(path):
         return _read_video_file(path)
     if is_image_path(path):
         return Video(frames=read_image(path)[None], fps=None)
     raise ValueError(
         f"unsupported file type {_extension(path)!r} for {path!r}; "
-        f"videos: {', '.join(VIDEO_EXTENSIONS)}; images: {', '.join(IMAGE_EXTENSIONS)}"
+        f"videos: {', '.join(VIDEO_EXTENSIONS + ARRAY_VIDEO_EXTENSIONS)}; images: {', '.join(IMAGE_EXTENSIONS)}"
     )
+
+
+def read_array_video(path, *, mmap: bool = False) -> np.ndarray:
+    """A .npy clip: (T, H, W, 3) uint8 (memory-mapped with `mmap`). Raises ValueError naming the file for
+    any other shape or dtype, and never unpickles."""
+    path = os.fspath(path)
+    frames = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+        raise ValueError(f"{path!r}: a .npy clip must be a (T, H, W, 3) uint8 array, got {frames.dtype} {frames.shape}")
+    return frames
+
+
+def write_array_video(frames, path) -> None:
+    """Save uint8 frames (T, H, W, 3) losslessly as a .npy clip, atomically (no fps: keep it in the CSV)."""
+    frames = _check_frames(frames, "write_array_video")
+    if not is_array_video_path(path):
+        raise ValueError(f"{os.fspath(path)!r}: array clips are written as {', '.join(ARRAY_VIDEO_EXTENSIONS)}")
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, frames, allow_pickle=False)
+
+    _write_atomically(path, write)
 
 
 def read_frames(path) -> np.ndarray:

@@ -387,6 +387,52 @@ def test_synthetic_dataset(tmp_path, capsys):
         assert flag in help_text
 
 
+def test_synthetic_npy_clips_and_short_captions(tmp_path):
+    """--format npy stores the exact rendered frames (lossless, no decoder); short captions drop the
+    background suffix for about the asked fraction of clips, and never change the clips themselves."""
+    npy = synthetic.make_dataset(tmp_path / "npy", num_clips=40, frames=6, size=(16, 16), seed=3, format="npy",
+                                 short_caption_ratio=0.5)
+    mp4 = synthetic.make_dataset(tmp_path / "mp4", num_clips=40, frames=6, size=(16, 16), seed=3)
+    ds = CsvDataset(npy)
+    assert len(ds) == 40 and ds.skipped == {}
+    short = [s for s in ds.samples if not s.text.endswith(" on a black background")]
+    assert 10 <= len(short) <= 30
+    for s in short:
+        assert re.fullmatch(r"a \w+ (circle|square|triangle) moving (left|right|up|down)", s.text)
+    long_texts = {r.split(",")[1] for r in mp4.read_text().splitlines()[1:]}
+    for k, s in enumerate(ds.samples):
+        assert s.path.endswith(f"clip_{k:05d}.npy")
+        frames = video_io.read_frames(s.path)
+        rng = np.random.default_rng([3, k])
+        shape = synthetic.SHAPES[rng.integers(3)]
+        colour = list(synthetic.COLOURS)[rng.integers(len(synthetic.COLOURS))]
+        direction = list(synthetic.DIRECTIONS)[rng.integers(4)]
+        np.testing.assert_array_equal(frames, synthetic.render_clip(shape, colour, direction, 6, 16, 16, rng))
+        assert synthetic.caption(shape, colour, direction) in long_texts
+    assert load_probe_frames(ds.samples[0].path) == (6, 16, 16)
+    with pytest.raises(ValueError, match="format"):
+        synthetic.make_dataset(tmp_path / "bad", num_clips=1, frames=2, size=(16, 16), format="gif")
+
+
+def load_probe_frames(path):
+    from opensora_jax.data.video import probe
+
+    info = probe(path)
+    return info.num_frames, info.height, info.width
+
+
+def test_array_video_rejects_wrong_arrays(tmp_path):
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((2, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match="bad.npy.*uint8"):
+        video_io.read_video(bad)
+    with pytest.raises(TypeError, match="uint8"):
+        video_io.write_array_video(np.zeros((2, 8, 8, 3), np.float32), tmp_path / "x.npy")
+    video_io.write_array_video(np.full((2, 8, 8, 3), 7, np.uint8), tmp_path / "ok.npy")
+    assert video_io.read_video(tmp_path / "ok.npy").frames.sum() == 7 * 2 * 8 * 8 * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npy", "ok.npy"]  # no temporaries left
+
+
 def test_synthetic_motion_direction():
     rng = np.random.default_rng(0)
     for direction, axis, sign in (("left", 2, -1), ("right", 2, 1), ("up", 1, -1), ("down", 1, 1)):

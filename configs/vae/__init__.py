@@ -18,7 +18,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.allow_pickle = False
     c.dtype = "bfloat16"  # compute; parameters and optimizer state stay float32
     c.micro_batch_size = 0  # 2D VAE frames per chunk (memory only); 0 = all frames at once
-    c.stage = 1  # trainable set: 1 temporal VAE; 2 + 2D encoder, quant_conv; 3 everything
+    c.stage = 1  # trainable set: 0 2D VAE alone (ours); 1 temporal VAE; 2 + 2D encoder, quant_conv; 3 everything
     c.data = ml_collections.ConfigDict(dict(csv="", num_frames=17, image_size=(256, 256), batch_size=1,
                                             frame_interval=1, num_workers=4))
     c.mixed_strategy = "mixed_video_image"  # or "mixed_video_random", "none"

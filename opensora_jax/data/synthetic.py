@@ -2,7 +2,7 @@
 
 Each clip shows one shape (circle, square or triangle) of one colour moving left, right, up or down,
 captioned exactly "a {colour} {shape} moving {direction} on a black background". Clips are H.264 MP4s
-under OUT_DIR/clips/, listed in OUT_DIR/train.csv in the training format
+(or, with --format npy, lossless (T, H, W, 3) uint8 .npy arrays, much faster to read) under OUT_DIR/clips/, listed in OUT_DIR/train.csv in the training format
 (path,text,num_frames,height,width,fps; paths relative to the CSV). Everything is a function of the
 seed: clip k is drawn from np.random.default_rng([seed, k]).
 
@@ -35,10 +35,13 @@ COLOURS = {
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx) unit steps
 CSV_NAME = "train.csv"
 CSV_COLUMNS = ("path", "text", "num_frames", "height", "width", "fps")
+FORMATS = ("mp4", "npy")
 
 
-def caption(shape: str, colour: str, direction: str) -> str:
-    return f"a {colour} {shape} moving {direction} on a black background"
+def caption(shape: str, colour: str, direction: str, *, background: bool = True) -> str:
+    """"a {colour} {shape} moving {direction}", followed by " on a black background" when `background`."""
+    text = f"a {colour} {shape} moving {direction}"
+    return text + " on a black background" if background else text
 
 
 def shape_mask(shape: str, height: int, width: int, cy: float, cx: float, radius: float) -> np.ndarray:
@@ -79,14 +82,23 @@ def render_clip(
 
 
 def make_dataset(
-    out_dir, *, num_clips: int = 64, frames: int = 32, size: tuple[int, int] = (64, 64), seed: int = 0, fps: int = 24
+    out_dir, *, num_clips: int = 64, frames: int = 32, size: tuple[int, int] = (64, 64), seed: int = 0, fps: int = 24,
+    format: str = "mp4", short_caption_ratio: float = 0.0,
 ) -> pathlib.Path:
-    """Write num_clips clips and the CSV under out_dir; returns the CSV's path."""
+    """Write num_clips clips (`format` mp4 or npy) and the CSV under out_dir; returns the CSV's path.
+
+    A fraction `short_caption_ratio` of the captions (drawn per clip) leaves out " on a black background",
+    so a model trained on them also follows the short prompts people type ("a blue square moving up").
+    """
     height, width = size
     if num_clips < 1 or frames < 1:
         raise ValueError(f"need --num-clips ≥ 1 and --frames ≥ 1, got {num_clips} and {frames}")
     if height < 8 or width < 8 or height % 2 or width % 2:
         raise ValueError(f"--size H W must be even and at least 8 (H.264 yuv420p), got {height} {width}")
+    if not 0.0 <= short_caption_ratio <= 1.0:
+        raise ValueError(f"--short-caption-ratio must lie in [0, 1], got {short_caption_ratio}")
+    if format not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     out = pathlib.Path(out_dir)
     (out / "clips").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -95,9 +107,14 @@ def make_dataset(
         shape = SHAPES[rng.integers(len(SHAPES))]
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
         direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
-        relative = f"clips/clip_{k:05d}.mp4"
-        video_io.write_video(render_clip(shape, colour, direction, frames, height, width, rng), out / relative, fps)
-        rows.append((relative, caption(shape, colour, direction), frames, height, width, fps))
+        relative = f"clips/clip_{k:05d}.{format}"
+        clip = render_clip(shape, colour, direction, frames, height, width, rng)
+        if format == "npy":
+            video_io.write_array_video(clip, out / relative)
+        else:
+            video_io.write_video(clip, out / relative, fps)
+        short = short_caption_ratio > 0 and rng.random() < short_caption_ratio  # drawn after the clip: clips stay put
+        rows.append((relative, caption(shape, colour, direction, background=not short), frames, height, width, fps))
     csv_path = out / CSV_NAME
     tmp = csv_path.with_name(f".{CSV_NAME}.partial")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -136,6 +153,10 @@ def main(argv=None) -> int:
         "--seed", type=int, default=0, metavar="S", help="random seed; same seed, same dataset (default 0)"
     )
     parser.add_argument("--fps", type=int, default=24, help="frame rate written into the MP4s and the CSV (default 24)")
+    parser.add_argument("--short-caption-ratio", type=float, default=0.0, metavar="P",
+                        help="fraction of captions without ' on a black background' (default 0)")
+    parser.add_argument("--format", choices=FORMATS, default="mp4",
+                        help="clip files: mp4 (H.264, lossy) or npy (lossless uint8 arrays, no decoder; default mp4)")
     args = parser.parse_args(argv)
     try:
         path = make_dataset(
@@ -145,6 +166,8 @@ def main(argv=None) -> int:
             size=tuple(args.size),
             seed=args.seed,
             fps=args.fps,
+            format=args.format,
+            short_caption_ratio=args.short_caption_ratio,
         )
     except ValueError as e:
         parser.error(str(e))

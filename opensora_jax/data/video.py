@@ -108,6 +108,9 @@ def probe(path) -> ProbeInfo:
         with Image.open(path) as im:
             w, h = im.size
         return ProbeInfo(1, h, w, None)
+    if video_io.is_array_video_path(path):
+        t, h, w, _ = video_io.read_array_video(path, mmap=True).shape
+        return ProbeInfo(int(t), int(h), int(w), None)
     if not video_io.is_video_path(path):
         raise ValueError(f"unsupported file type {os.path.splitext(path)[1]!r} for {path!r}")
     reader = imageio_ffmpeg.read_frames(path)

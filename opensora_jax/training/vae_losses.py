@@ -56,6 +56,20 @@ def vae_forward(vae, x: jax.Array, key: jax.Array | None, *, micro_batch_size: i
     return out
 
 
+def spatial_forward(vae, x: jax.Array, key: jax.Array | None) -> dict[str, jax.Array]:
+    """Stage 0 (ours; the reference starts from a pretrained SDXL 2D VAE instead): every frame through
+    the 2D VAE alone, as an image autoencoder.
+
+    x (B, T, H, W, 3) → dict with x_rec (B, T, H, W, 3) and the per-frame 2D posterior mean, logvar
+    (B·T, h, w, 4), so the KL term is per image. `key=None` decodes the posterior means.
+    """
+    b, t = x.shape[:2]
+    frames = _frames(x.astype(vae.dtype))
+    sample, mean, logvar = diagonal_gaussian(vae.spatial.moments(frames), key)
+    x_rec = vae.spatial.decode(sample)
+    return {"x_rec": x_rec.reshape((b, t) + x_rec.shape[1:]), "mean": mean, "logvar": logvar}
+
+
 # --------------------------------------------------------------------------------------------- VAE terms
 
 
@@ -64,8 +78,11 @@ def _frames(x: jax.Array) -> jax.Array:
     return x.reshape((-1,) + x.shape[2:])
 
 
+PIXEL_LOSSES = ("l1", "l2")
+
+
 def nll_loss(target: jax.Array, recon: jax.Array, *, logvar: float = 0.0, perceptual: jax.Array | None = None,
-             perceptual_weight: float = 0.0) -> jax.Array:
+             perceptual_weight: float = 0.0, kind: str = "l1") -> jax.Array:
     """The reference VAELoss NLL: Σ_{N,H,W,C} (|a − â| + w·p) / exp(logvar) + logvar, divided by N = B·T.
 
     target, recon: (B, T, H, W, C). perceptual: per-frame LPIPS (N,) broadcast over each frame's
@@ -73,8 +90,11 @@ def nll_loss(target: jax.Array, recon: jax.Array, *, logvar: float = 0.0, percep
     """
     if target.shape != recon.shape:
         raise ValueError(f"nll_loss: target {tuple(target.shape)} and reconstruction {tuple(recon.shape)} differ")
+    if kind not in PIXEL_LOSSES:
+        raise ValueError(f"pixel loss {kind!r} unknown; choose one of {PIXEL_LOSSES}")
     a = _frames(target).astype(jnp.float32)
-    r = jnp.abs(a - _frames(recon).astype(jnp.float32))
+    diff = a - _frames(recon).astype(jnp.float32)
+    r = jnp.abs(diff) if kind == "l1" else jnp.square(diff)
     if perceptual is not None and perceptual_weight > 0:
         r = r + perceptual_weight * perceptual.astype(jnp.float32).reshape(-1, 1, 1, 1)
     nll = r / jnp.exp(jnp.float32(logvar)) + jnp.float32(logvar)
@@ -370,6 +390,7 @@ class VAELossConfig:
     use_z_rec_loss: bool = True
     use_image_identity_loss: bool = False
     log_pixel_loss: bool = True  # decode to pixels and log the pixel NLL even when it is not trained on
+    pixel_loss: str = "l1"  # the reference's; "l2" (ours) learns small bright objects on black much sooner
 
 
 def needs_pixels(cfg: VAELossConfig, use_discriminator: bool) -> bool:
@@ -381,8 +402,8 @@ def vae_loss_terms(x: jax.Array, out: dict, cfg: VAELossConfig, lpips: LPIPS | N
     """The unweighted-by-flag loss terms of one forward (`out` from `vae_forward`), float32 scalars:
 
       nll       pixel NLL(L1 + w_p·LPIPS)    (only when `out` has x_rec)
-      kl        kl_loss_weight · KL          (temporal posterior)
-      z_nll     NLL(x_z, x_z_rec), no LPIPS
+      kl        kl_loss_weight · KL          (temporal posterior; the 2D one in stage 0)
+      z_nll     NLL(x_z, x_z_rec), no LPIPS  (not in stage 0)
       identity  NLL(x_z, z), no LPIPS        (only when T == 1)
     """
     terms = {}
@@ -392,10 +413,11 @@ def vae_loss_terms(x: jax.Array, out: dict, cfg: VAELossConfig, lpips: LPIPS | N
             dtype = lpips.lin_weights[0].dtype  # the reference runs LPIPS in the training dtype (bf16)
             perceptual = lpips(_frames(x).astype(dtype), _frames(out["x_rec"]).astype(dtype))
         terms["nll"] = nll_loss(x, out["x_rec"], logvar=cfg.logvar, perceptual=perceptual,
-                                perceptual_weight=cfg.perceptual_loss_weight)
+                                perceptual_weight=cfg.perceptual_loss_weight, kind=cfg.pixel_loss)
     terms["kl"] = cfg.kl_loss_weight * kl_loss(out["mean"], out["logvar"])
-    terms["z_nll"] = nll_loss(out["x_z"], out["x_z_rec"], logvar=cfg.logvar)
-    if x.shape[1] == 1:
+    if "x_z_rec" in out:  # absent in stage 0 (2D VAE alone)
+        terms["z_nll"] = nll_loss(out["x_z"], out["x_z_rec"], logvar=cfg.logvar)
+    if x.shape[1] == 1 and "z" in out:
         terms["identity"] = nll_loss(out["x_z"], out["z"], logvar=cfg.logvar)
     return terms
 

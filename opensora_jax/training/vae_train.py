@@ -9,7 +9,8 @@ VAE) → clip → AdamW. All randomness is a function of (seed, step) and the da
 so a resumed run reproduces an uninterrupted one exactly.
 
 Which parameters train (§12.2): stage 1 the temporal VAE; stage 2 also the 2D encoder and quant_conv;
-stage 3 everything. The exported VAE (`export_vae`) is a converted directory that
+stage 3 everything. Stage 0 is ours: the 2D VAE alone as an image autoencoder (pixel NLL + per-image KL),
+for models that have no pretrained 2D VAE to start stage 1 from (the demo model). The exported VAE (`export_vae`) is a converted directory that
 `convert.registry.load_model("vae", dir)` and sample.py load.
 """
 
@@ -43,14 +44,17 @@ from opensora_jax.training.vae_losses import (
     generator_loss,
     load_lpips,
     needs_pixels,
+    spatial_forward,
     term_weights,
     vae_forward,
     vae_loss_terms,
 )
 
-# The layer the adaptive GAN weight is measured at: `temporal_vae.decoder.conv_out.conv.weight`.
+# The layer the adaptive GAN weight is measured at: `temporal_vae.decoder.conv_out.conv.weight`
+# (in stage 0, which trains the 2D VAE alone, its decoder's conv_out).
 LAST_LAYER = ("temporal", "decoder", "conv_out", "conv", "kernel")
-STAGES = (1, 2, 3)
+SPATIAL_LAST_LAYER = ("spatial", "decoder", "conv_out", "kernel")
+STAGES = (0, 1, 2, 3)
 MIXED_STRATEGIES = ("", "none", "mixed_video_image", "mixed_video_random")
 
 # ------------------------------------------------------------------------------------------- stages
@@ -61,8 +65,16 @@ def _stage2_trainable(path, _value) -> bool:
     return head[:1] == ("temporal",) or head in (("spatial", "encoder"), ("spatial", "quant_conv"))
 
 
+def last_layer(stage: int) -> tuple[str, ...]:
+    """Path of the kernel the adaptive GAN weight is measured at in `stage`."""
+    return SPATIAL_LAST_LAYER if stage == 0 else LAST_LAYER
+
+
 def stage_trainable_filter(stage: int):
-    """nnx filter of the parameters a stage trains: 1 temporal VAE; 2 + 2D encoder and quant_conv; 3 all."""
+    """nnx filter of the parameters a stage trains: 0 the 2D VAE (ours); 1 temporal VAE; 2 + 2D encoder and
+    quant_conv; 3 all."""
+    if stage == 0:
+        return nnx.All(nnx.Param, nnx.PathContains("spatial"))
     if stage == 1:
         return nnx.All(nnx.Param, nnx.PathContains("temporal"))
     if stage == 2:
@@ -88,12 +100,14 @@ class VAETrainState:
     disc_opt_state: optax.OptState | None = None
 
 
-def init_vae_state(vae: OpenSoraVAE, tx, trainable, seed: int, discriminator=None, disc_tx=None):
-    """(graphdef, disc_graphdef or None, VAETrainState) with fresh optimizer states, on one device."""
+def init_vae_state(vae: OpenSoraVAE, tx, trainable, seed: int, discriminator=None, disc_tx=None, *,
+                   last: tuple[str, ...] = LAST_LAYER):
+    """(graphdef, disc_graphdef or None, VAETrainState) with fresh optimizer states, on one device.
+    `last` is the decoder's output kernel (`last_layer(stage)`), which must be among the trainable ones."""
     graphdef, params, rest = nnx.split(vae, trainable, ...)
     flat = {tuple(str(p) for p in path) for path, _ in nnx.to_flat_state(params)}
-    if LAST_LAYER not in flat:
-        raise ValueError(f"the temporal decoder's conv_out kernel {'/'.join(LAST_LAYER)} must be trainable")
+    if last not in flat:
+        raise ValueError(f"the decoder's conv_out kernel {'/'.join(last)} must be trainable")
     state = VAETrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params),
                           rng=jax.random.key_data(jax.random.key(seed)))
     disc_graphdef = None
@@ -121,6 +135,7 @@ class VAEStepConfig:
     generator_factor: float = 0.5
     generator_loss_type: str = "hinge"
     discriminator_loss_type: str = "hinge"
+    spatial_only: bool = False  # stage 0: the 2D VAE alone
 
 
 def _leaf(tree: nnx.State, path: tuple[str, ...]) -> jax.Array:
@@ -147,7 +162,10 @@ def vae_train_step(graphdef, disc_graphdef, tx, disc_tx, cfg: VAEStepConfig, sta
 
     def forward(params):
         vae = nnx.merge(graphdef, params, state.rest)
-        out = vae_forward(vae, video, key, micro_batch_size=cfg.micro_batch_size, decode_pixels=pixels)
+        if cfg.spatial_only:
+            out = spatial_forward(vae, video, key)
+        else:
+            out = vae_forward(vae, video, key, micro_batch_size=cfg.micro_batch_size, decode_pixels=pixels)
         terms = vae_loss_terms(video, out, cfg.loss, lpips)
         aux = {"x_rec": out.get("x_rec")}
         if cfg.use_discriminator:
@@ -166,7 +184,8 @@ def vae_train_step(graphdef, disc_graphdef, tx, disc_tx, cfg: VAEStepConfig, sta
             return {k: jnp.float32(k == name) for k in terms}
 
         (nll_grads,), (g_grads,) = pullback(onehot("nll")), pullback(onehot("g"))
-        lam = adaptive_weight(_leaf(nll_grads, LAST_LAYER), _leaf(g_grads, LAST_LAYER), cfg.generator_factor)
+        last = SPATIAL_LAST_LAYER if cfg.spatial_only else LAST_LAYER
+        lam = adaptive_weight(_leaf(nll_grads, last), _leaf(g_grads, last), cfg.generator_factor)
         gate = gan_gate(state.step, cfg.discriminator_factor, cfg.discriminator_start)
         weights["g"] = lam * gate
         metrics.update(adaptive_weight=lam, gan_gate=gate)
@@ -197,16 +216,20 @@ def vae_train_step(graphdef, disc_graphdef, tx, disc_tx, cfg: VAEStepConfig, sta
     return new, metrics
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _reconstruct(graphdef, params, rest, micro_batch_size, video):
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _reconstruct(graphdef, params, rest, micro_batch_size, spatial_only, video):
     vae = nnx.merge(graphdef, params, rest)
+    if spatial_only:
+        return spatial_forward(vae, video, None)["x_rec"]
     return vae_forward(vae, video, None, micro_batch_size=micro_batch_size)["x_rec"]
 
 
-def reconstruction_l1(graphdef, state: VAETrainState, video, *, micro_batch_size=None) -> float:
-    """Mean |x − x_rec| per element of video (B, T, H, W, 3), through the cal_loss pipeline with posterior means."""
+def reconstruction_l1(graphdef, state: VAETrainState, video, *, micro_batch_size=None,
+                      spatial_only: bool = False) -> float:
+    """Mean |x − x_rec| per element of video (B, T, H, W, 3), through the cal_loss pipeline (the 2D VAE
+    alone with `spatial_only`) with posterior means."""
     x = jnp.asarray(video, jnp.float32)
-    x_rec = _reconstruct(graphdef, state.params, state.rest, micro_batch_size, x)
+    x_rec = _reconstruct(graphdef, state.params, state.rest, micro_batch_size, spatial_only, x)
     return float(jnp.mean(jnp.abs(x_rec.astype(jnp.float32) - x)))
 
 
@@ -344,7 +367,8 @@ def step_config(config: ml_collections.ConfigDict) -> VAEStepConfig:
     return VAEStepConfig(loss=loss, micro_batch_size=config.get("micro_batch_size") or None,
                          use_discriminator=bool(d.enabled), discriminator_factor=float(d.factor),
                          discriminator_start=int(d.start), generator_factor=float(d.generator_factor),
-                         generator_loss_type=d.generator_loss_type, discriminator_loss_type=d.discriminator_loss_type)
+                         generator_loss_type=d.generator_loss_type, discriminator_loss_type=d.discriminator_loss_type,
+                         spatial_only=int(config.stage) == 0)
 
 
 # ------------------------------------------------------------------------------------------- export
@@ -378,7 +402,8 @@ def evaluate(graphdef, state, config, *, csv: str, num_batches: int) -> float:
             if count >= num_batches:
                 break
             total += reconstruction_l1(graphdef, state, batch["video"],
-                                       micro_batch_size=config.get("micro_batch_size") or None)
+                                       micro_batch_size=config.get("micro_batch_size") or None,
+                                       spatial_only=int(config.stage) == 0)
             count += 1
     if not count:
         raise ValueError(f"evaluation CSV {csv} gave no batch of {config.data.num_frames} frames")
@@ -434,7 +459,7 @@ def train_vae(config: ml_collections.ConfigDict, *, stop_after: int | None = Non
     disc = build_discriminator(config)
     disc_tx = tx if disc is not None else None
     graphdef, disc_graphdef, state = init_vae_state(vae, tx, stage_trainable_filter(int(config.stage)),
-                                                    config.seed, disc, disc_tx)
+                                                    config.seed, disc, disc_tx, last=last_layer(int(config.stage)))
     del vae, disc
     cfg = step_config(config)
     lpips = build_lpips(config)
