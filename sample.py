@@ -1,10 +1,13 @@
 """Open-Sora v1.2 text/image-to-video sampling with opensora-jax.
 
+    python sample.py --prompt "a blue square moving up"      # the demo model in assets/demo
     python sample.py --prompt "a red circle moving left" --stdit3 ckpt/stdit3 --vae ckpt/vae --t5 ckpt/t5
     python sample.py --config configs/opensora_v1_2/sample.py --config.num_frames=4s --prompt "..."
 
-Every flag sets a field of the config (configs/opensora_v1_2/sample.py by default); any field can also be
-set as --config.FIELD=VALUE. The final config is saved as OUT_DIR/config.json beside the videos, and each
+Without checkpoints (--stdit3/--vae/--t5) and without --config, sample.py uses the demo model this
+project trained on its synthetic shapes dataset (configs/demo/sample.py: 32×32, 17 frames). Every flag
+sets a field of the config (configs/opensora_v1_2/sample.py when checkpoints are given); any field can
+also be set as --config.FIELD=VALUE. The final config is saved as OUT_DIR/config.json beside the videos, and each
 video gets a JSON sidecar (prompt as sent to T5, seed, timings).
 """
 
@@ -15,6 +18,8 @@ import pathlib
 import sys
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent / "configs" / "opensora_v1_2" / "sample.py"
+DEMO_CONFIG = pathlib.Path(__file__).resolve().parent / "configs" / "demo" / "sample.py"
+CHECKPOINT_FLAGS = ("--stdit3", "--vae", "--t5", "--config.stdit3", "--config.vae", "--config.t5")
 
 # flag → (config field, type, help)
 FLAGS = {
@@ -41,7 +46,8 @@ FLAGS = {
     "--num-sample": ("num_sample", int, "videos per prompt (default 1)"),
     "--out-dir": ("out_dir", str, "where videos, sidecars and config.json go (default samples/)"),
     "--dtype": ("dtype", str, "STDiT3 and VAE dtype: bfloat16 (default, as the reference) or float32; T5 runs in float32"),
-    "--attention": ("attention", str, "attention kernel: xla (default) or cudnn (NVIDIA GPUs)"),
+    "--attention": ("attention", str, "attention kernel: xla (default), cudnn (NVIDIA GPUs, bfloat16) or splash (TPUs); "
+                   "where the kernel is unavailable, xla runs and a warning says why"),
     "--mesh": ("mesh", str, "device mesh, e.g. 'sequence=8' (sequence parallel over 8 GPUs) or 'data=2,sequence=4'; "
                "axes data/fsdp/tensor/sequence, -1 fills the rest; default: one device"),
     "--stdit3": ("stdit3", str, "STDiT3 checkpoint: a converted directory, the reference's safetensors, or a hub id in the local cache"),
@@ -57,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="python sample.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG),
-                        help="ml_collections config file with get_config() (default: configs/opensora_v1_2/sample.py); "
+    parser.add_argument("--config", default=None,
+                        help="ml_collections config file with get_config() (default: configs/opensora_v1_2/sample.py "
+                        "when --stdit3/--vae/--t5 are given, else the demo model's configs/demo/sample.py); "
                         "override any field with --config.FIELD=VALUE")
     add_flags(parser, FLAGS, LIST_FIELDS)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars [config: progress=False]")
@@ -67,10 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def uses_demo(argv: list[str]) -> bool:
+    """True when neither a --config nor any checkpoint flag is given: sample with the demo model."""
+    names = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    return "--config" not in names and not names & set(CHECKPOINT_FLAGS)
+
+
 def make_config(argv: list[str]):
     from opensora_jax.config_utils import config_from_cli
 
-    config, args = config_from_cli(argv, build_parser(), FLAGS, LIST_FIELDS)
+    parser = build_parser()
+    parser.set_defaults(config=str(DEMO_CONFIG if uses_demo(argv) else DEFAULT_CONFIG))
+    config, args = config_from_cli(argv, parser, FLAGS, LIST_FIELDS)
     if args.no_progress:
         config.progress = False
     if args.no_clean_captions:
@@ -79,7 +94,15 @@ def make_config(argv: list[str]):
 
 
 def main(argv=None) -> int:
-    config = make_config(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    config = make_config(argv)
+    if uses_demo(argv) and "-h" not in argv and "--help" not in argv:
+        if not pathlib.Path(config.stdit3).is_dir():
+            raise FileNotFoundError(
+                f"no checkpoints given, and the demo model is not in this checkout ({config.stdit3} is missing): "
+                "pass --stdit3, --vae and --t5 (converted directories or the reference's weights)")
+        print(f"no checkpoints given: sampling with the demo model ({config.stdit3.rsplit('/', 1)[0]}, "
+              "32x32, 17 frames); pass --stdit3/--vae/--t5 for Open-Sora v1.2 weights", flush=True)
     from opensora_jax.inference import run
     from opensora_jax.parallel import initialize_distributed
 

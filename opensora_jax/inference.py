@@ -40,7 +40,10 @@ def per_prompt(values, n: int, name: str) -> list[str] | None:
 def run(config: ml_collections.ConfigDict, pipeline: Pipeline | None = None) -> list[pathlib.Path]:
     """Generates every prompt of `config` (num_sample times each) and saves videos + sidecars + config.json."""
     prompts = read_prompts(config)
-    height, width = presets.image_size(config.resolution, config.aspect_ratio)
+    if config.get("image_size"):  # an explicit (H, W) wins over resolution + aspect ratio (the demo: 32×32)
+        height, width = (int(v) for v in config.image_size)
+    else:
+        height, width = presets.image_size(config.resolution, config.aspect_ratio)
     num_frames = presets.num_frames(config.num_frames)
     refs = per_prompt(config.reference_path, len(prompts), "reference_path")
     strategies = per_prompt(config.mask_strategy, len(prompts), "mask_strategy")
@@ -69,7 +72,8 @@ def run(config: ml_collections.ConfigDict, pipeline: Pipeline | None = None) -> 
                 loop=config.loop, condition_frame_length=config.condition_frame_length,
                 condition_frame_edit=config.condition_frame_edit, align=config.align or None,
                 progress=config.progress)
-            saved = save_generation(gen, out_dir, fps=config.save_fps, config=config.to_dict(), start_index=index)
+            saved = save_generation(gen, out_dir, fps=config.save_fps, config=config.to_dict(), start_index=index,
+                                    frame_grid=config.get("frame_grid", True), upscale=config.get("save_upscale", 1))
             for path in saved:
                 print(f"saved {path}", flush=True)
             paths += saved

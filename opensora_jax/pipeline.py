@@ -227,22 +227,34 @@ def default_tokenizer_dir(t5_path) -> pathlib.Path:
 
 
 def save_generation(gen: Generation, out_dir, *, fps: float, config: dict, name_prefix: str = "sample",
-                    start_index: int = 0) -> list[pathlib.Path]:
-    """Writes each video (MP4, or PNG for one frame) plus a JSON sidecar: config, seed, prompt sent, timings."""
+                    start_index: int = 0, frame_grid: bool = True, upscale: int = 1) -> list[pathlib.Path]:
+    """Writes each video (MP4, or PNG for one frame) plus a JSON sidecar: config, seed, prompt sent, timings.
+
+    frame_grid: also a PNG of 8 evenly spaced frames beside each MP4 (`{stem}_grid.png`), to check a
+    video at a glance. upscale: nearest-neighbour enlargement of what is written (small demo videos).
+    """
+    if not (isinstance(upscale, int) and upscale >= 1):
+        raise ValueError(f"upscale must be an integer ≥ 1, got {upscale!r}")
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (frames, prompt) in enumerate(zip(gen.videos, gen.prompts_sent)):
         stem = out_dir / f"{name_prefix}_{start_index + i:04d}"
+        if upscale > 1:
+            frames = np.repeat(np.repeat(frames, upscale, axis=1), upscale, axis=2)
+        grid = None
         if frames.shape[0] == 1:
             path = pathlib.Path(f"{stem}.png")
             video_io.write_image(frames[0], path)
         else:
             path = pathlib.Path(f"{stem}.mp4")
             video_io.write_video(frames, path, fps)
+            if frame_grid:
+                grid = pathlib.Path(f"{stem}_grid.png")
+                video_io.save_frame_grid(frames, grid)
         sidecar = {"video": path.name, "prompt_sent": prompt, "seed": gen.seed, "timings": gen.timings,
                    "frames": int(frames.shape[0]), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
-                   "config": config}
+                   "frame_grid": grid.name if grid else None, "config": config}
         tmp = stem.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
         os.replace(tmp, f"{stem}.json")

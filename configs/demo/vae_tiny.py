@@ -35,6 +35,7 @@ def get_config():
     c.model = ml_collections.ConfigDict(TINY_VAE)
     c.dtype = "float32"
     c.stage = 1
+    c.temporal_logvar_init = -6.0  # posterior std 0.05 at the start (see vae_train.set_posterior_logvar)
     c.data.csv = "data/synthetic/train.csv"
     c.data.num_frames = 17
     c.data.image_size = (32, 32)

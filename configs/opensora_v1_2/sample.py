@@ -10,6 +10,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.prompt_file = ""
     c.resolution = "240p"
     c.aspect_ratio = "9:16"  # H:W, so 9:16 is landscape (240×426 at 240p)
+    c.image_size = ml_collections.FieldReference((), field_type=tuple)  # (H, W): overrides the two above
     c.num_frames = "51"  # a number, or a name such as "2s", "4s"
     c.fps = 24
     c.save_fps = 24
@@ -33,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.vae = ""
     c.t5 = ""
     c.tokenizer = ""  # default: the T5 checkpoint directory
-    c.attention = "xla"  # xla | cudnn
+    c.attention = "xla"  # xla | cudnn (NVIDIA GPU, bf16/fp16) | splash (TPU); otherwise falls back to xla
     c.mesh = ""  # device mesh, e.g. "sequence=8" or "data=2,sequence=4"; empty = one device
     # Scheduler (RFLOW kwargs).
     c.scheduler = ml_collections.ConfigDict(dict(
@@ -42,5 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     ))
     # Output.
     c.out_dir = "samples"
+    c.frame_grid = True  # a PNG of 8 frames beside each MP4
+    c.save_upscale = 1  # nearest-neighbour enlargement of the saved videos
     c.progress = True
     return c

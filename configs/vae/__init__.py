@@ -16,6 +16,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.from_pretrained = ""  # whole VAE (converted dir or reference weights): stages 2-3
     c.vae_2d_pretrained = ""  # 2D part only (diffusers AutoencoderKL weights): stage 1
     c.allow_pickle = False
+    c.temporal_logvar_init = ml_collections.FieldReference(None, field_type=float)  # None: PyTorch's init
     c.dtype = "bfloat16"  # compute; parameters and optimizer state stay float32
     c.micro_batch_size = 0  # 2D VAE frames per chunk (memory only); 0 = all frames at once
     c.stage = 1  # trainable set: 0 2D VAE alone (ours); 1 temporal VAE; 2 + 2D encoder, quant_conv; 3 everything
@@ -25,7 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.mixed_image_ratio = 0.2
     c.loss = ml_collections.ConfigDict(dict(perceptual_loss_weight=0.1, kl_loss_weight=1e-6, logvar=0.0,
                                             use_real_rec_loss=False, use_z_rec_loss=True,
-                                            use_image_identity_loss=False, log_pixel_loss=True))
+                                            use_image_identity_loss=False, log_pixel_loss=True, pixel_loss="l1",
+                                            latent_loss="l1"))
     # LPIPS needs local weights: VGG16 features + lin0..lin4 (.npz/.safetensors; .pth with allow_pickle).
     c.lpips = ml_collections.ConfigDict(dict(enabled=False, weights="", allow_pickle=False))
     # Supported by the reference script but unused in v1.2 (no v1.2 config defines a discriminator).

@@ -61,6 +61,9 @@ SYNTHETIC = {
     "32px": {1: (1.0, 32), 17: (1.0, 8)},
 }
 
+# The demo model (assets/demo): 17-frame clips at 32×32, 32 per batch.
+DEMO = {"32px": {17: (1.0, 32)}}
+
 # Names a training config may use for `data.bucket_config` and `data.resolutions`.
-NAMED_BUCKET_CONFIGS = {**STAGES, "synthetic": SYNTHETIC}
+NAMED_BUCKET_CONFIGS = {**STAGES, "synthetic": SYNTHETIC, "demo": DEMO}
 NAMED_RESOLUTION_TABLES = {"synthetic": SYNTHETIC_RESOLUTIONS}

@@ -391,6 +391,7 @@ class VAELossConfig:
     use_image_identity_loss: bool = False
     log_pixel_loss: bool = True  # decode to pixels and log the pixel NLL even when it is not trained on
     pixel_loss: str = "l1"  # the reference's; "l2" (ours) learns small bright objects on black much sooner
+    latent_loss: str = "l1"  # of the z-space and identity terms; "l2" (ours) for the same reason
 
 
 def needs_pixels(cfg: VAELossConfig, use_discriminator: bool) -> bool:
@@ -416,9 +417,9 @@ def vae_loss_terms(x: jax.Array, out: dict, cfg: VAELossConfig, lpips: LPIPS | N
                                 perceptual_weight=cfg.perceptual_loss_weight, kind=cfg.pixel_loss)
     terms["kl"] = cfg.kl_loss_weight * kl_loss(out["mean"], out["logvar"])
     if "x_z_rec" in out:  # absent in stage 0 (2D VAE alone)
-        terms["z_nll"] = nll_loss(out["x_z"], out["x_z_rec"], logvar=cfg.logvar)
+        terms["z_nll"] = nll_loss(out["x_z"], out["x_z_rec"], logvar=cfg.logvar, kind=cfg.latent_loss)
     if x.shape[1] == 1 and "z" in out:
-        terms["identity"] = nll_loss(out["x_z"], out["z"], logvar=cfg.logvar)
+        terms["identity"] = nll_loss(out["x_z"], out["z"], logvar=cfg.logvar, kind=cfg.latent_loss)
     return terms
 
 

@@ -312,7 +312,21 @@ def build_vae(config: ml_collections.ConfigDict) -> OpenSoraVAE:
         nnx.update(vae, nnx.state(loaded))
     elif config.get("vae_2d_pretrained"):
         load_spatial_weights(vae, config.vae_2d_pretrained, allow_pickle=config.get("allow_pickle", False))
+    if config.get("temporal_logvar_init") is not None:
+        set_posterior_logvar(vae.temporal.quant_conv.conv, float(config.temporal_logvar_init))
     return vae
+
+
+def set_posterior_logvar(quant_conv, value: float) -> None:
+    """Sets the log-variance half of a quant_conv's bias (moments are [mean | logvar] on channels).
+
+    For a temporal VAE trained from scratch: with PyTorch's init the posterior std starts near 1, about
+    the spread of the latent means, so the decoder trains on latents that are mostly noise and learns
+    blurry averages; a start at e.g. −6 (std 0.05) lets reconstruction lead from the first step.
+    """
+    bias = quant_conv.bias.get_value()
+    half = bias.shape[-1] // 2
+    quant_conv.bias.set_value(bias.at[half:].set(value))
 
 
 def build_discriminator(config: ml_collections.ConfigDict) -> NLayerDiscriminator | None:

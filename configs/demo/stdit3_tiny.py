@@ -1,0 +1,36 @@
+"""Demo model, the diffusion part: a tiny STDiT3 trained with train.py on precomputed features of the
+synthetic shapes dataset (latents of the demo VAE, embeddings of the demo T5). See assets/demo/README.md.
+
+    python train.py --config configs/demo/stdit3_tiny.py --features RUN/features --out-dir RUN/stdit3
+
+Architecture: depth 3, hidden 96, 4 heads, patch 1×2×2 over 5×8×8×4 latents (17 frames at 32×32) →
+80 tokens; captions of 16 tokens from the 64-wide demo T5. Plain text-to-video training (no frame
+conditioning masks): the demo's job is to follow the prompt.
+"""
+
+import ml_collections
+
+from configs.opensora_v1_2.train_common import base_config
+
+
+def get_config():
+    c = base_config()
+    c.seed = 0
+    c.out_dir = "outputs/demo_stdit3"
+    c.model_preset = ""
+    c.model = ml_collections.ConfigDict(dict(depth=3, hidden_size=96, num_heads=4, caption_channels=64,
+                                             model_max_length=16, qk_norm=True))
+    c.dtype = "float32"
+    c.remat = False
+    c.freeze_y_embedder = False  # trained from scratch: the caption projection must learn too
+    c.data.features = "outputs/demo_features"
+    c.data.num_workers = 0
+    c.mask_ratios = {}
+    c.optimizer.lr = 1e-3
+    c.optimizer.warmup_steps = 100
+    c.ema_decay = 0.995
+    c.steps = 1500
+    c.ckpt_every = 500
+    c.keep_checkpoints = 1
+    c.log_every = 100
+    return c
