@@ -142,6 +142,9 @@ def main(argv=None) -> int:
                         help="directory with stdit3/, vae/, t5/ (default: the committed demo model)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default 2)")
     parser.add_argument("--out-dir", default=None, help="also save a frame grid PNG per clip here")
+    parser.add_argument("--config", default=str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo" /
+                                                "sample.py"),
+                        help="sampling config whose scheduler settings are used (default: configs/demo/sample.py)")
     args = parser.parse_args(argv)
     root = pathlib.Path(args.model_dir)
     for part in ("stdit3", "vae", "t5"):
@@ -149,7 +152,11 @@ def main(argv=None) -> int:
             parser.error(f"{root / part} not found: --model-dir needs stdit3/, vae/ and t5/ subdirectories")
     if args.out_dir:
         pathlib.Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    pipeline = Pipeline.from_checkpoints(stdit3=root / "stdit3", vae=root / "vae", t5=root / "t5", dtype="float32")
+    from opensora_jax.config_utils import load_config_file
+
+    scheduler = load_config_file(args.config).scheduler.to_dict()
+    pipeline = Pipeline.from_checkpoints(stdit3=root / "stdit3", vae=root / "vae", t5=root / "t5", dtype="float32",
+                                         scheduler=scheduler)
     started = time.perf_counter()
     judgements = evaluate(pipeline, seeds=range(args.seeds), save_dir=args.out_dir)
     for j in judgements:

@@ -26,5 +26,6 @@ def get_config():
     c.dtype = "float32"
     c.scheduler.num_sampling_steps = 30
     c.scheduler.cfg_scale = 7.0
+    c.scheduler.use_timestep_transform = False  # as the demo STDiT3 was trained (configs/demo/stdit3_tiny.py)
     c.save_upscale = 4
     return c
