@@ -123,21 +123,9 @@ FRAMES, LATENT_FRAMES, LATENT_HW = 11, 6, (3, 5)
 
 @pytest.fixture(scope="module")
 def vae_flat():
-    from opensora_jax.models.vae import OpenSoraVAE, OpenSoraVAEConfig
+    from tests.tiny import random_vae_weights
 
-    cfg = OpenSoraVAEConfig.from_dict(VAE_CONFIG)
-    abstract = nnx.eval_shape(lambda: OpenSoraVAE(cfg, rngs=nnx.Rngs(0)))
-    rng = np.random.default_rng(0)
-    flat = {}
-    for path, var in nnx.to_flat_state(nnx.state(abstract)):
-        name, shape = "/".join(map(str, path)), var.get_value().shape
-        if name in ("scale", "shift"):
-            flat[name] = np.asarray(getattr(cfg, name), np.float32)
-        elif path[-1] == "kernel":
-            flat[name] = rng.normal(0, 1 / np.sqrt(np.prod(shape[:-1])), shape).astype(np.float32)
-        else:
-            flat[name] = ((1.0 if path[-1] == "scale" else 0.0) + rng.normal(0, 0.1, shape)).astype(np.float32)
-    return abstract, flat
+    return random_vae_weights(VAE_CONFIG)
 
 
 def _vae(vae_flat, mesh=None):

@@ -36,21 +36,9 @@ def small_model() -> OpenSoraVAE:
     """SMALL with random weights drawn in numpy (no per-shape init compiles), incl. non-trivial norm
     affines and biases so that layout mistakes show."""
     from convert.registry import materialize
+    from tests.tiny import random_vae_weights
 
-    cfg = OpenSoraVAEConfig.from_dict(SMALL)
-    abstract = nnx.eval_shape(lambda: OpenSoraVAE(cfg, rngs=nnx.Rngs(0)))
-    rng = np.random.default_rng(0)
-    flat = {}
-    for path, var in nnx.to_flat_state(nnx.state(abstract)):
-        name, shape = "/".join(map(str, path)), var.get_value().shape
-        if name in ("scale", "shift"):
-            flat[name] = np.asarray(getattr(cfg, name), np.float32)
-        elif path[-1] == "kernel":
-            flat[name] = rng.normal(0, 1 / np.sqrt(np.prod(shape[:-1])), shape).astype(np.float32)
-        else:  # GroupNorm scales (around 1) and biases
-            centre = 1.0 if path[-1] == "scale" else 0.0
-            flat[name] = (centre + rng.normal(0, 0.1, shape)).astype(np.float32)
-    return materialize(abstract, flat)
+    return materialize(*random_vae_weights(SMALL))
 
 
 def _video(shape, seed=0):

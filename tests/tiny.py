@@ -65,3 +65,25 @@ def write_tiny_checkpoints(root: pathlib.Path, seed: int = 0) -> dict[str, pathl
     }
     write_spiece(paths["t5"] / "tokenizer")
     return paths
+
+
+def random_vae_weights(config: dict, seed: int = 0):
+    """(abstract OpenSoraVAE, flat float32 weights) for a VAE config, drawn in numpy (no per-shape init
+    compiles): kernels N(0, 1/fan_in), GroupNorm scales around 1 and biases around 0 (so layout mistakes
+    show), and the config's scale/shift."""
+    from opensora_jax.models.vae import OpenSoraVAE, OpenSoraVAEConfig
+
+    cfg = OpenSoraVAEConfig.from_dict(config)
+    abstract = nnx.eval_shape(lambda: OpenSoraVAE(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for path, var in nnx.to_flat_state(nnx.state(abstract)):
+        name, shape = "/".join(map(str, path)), var.get_value().shape
+        if name in ("scale", "shift"):
+            flat[name] = np.asarray(getattr(cfg, name), np.float32)
+        elif path[-1] == "kernel":
+            flat[name] = rng.normal(0, 1 / np.sqrt(np.prod(shape[:-1])), shape).astype(np.float32)
+        else:
+            centre = 1.0 if path[-1] == "scale" else 0.0
+            flat[name] = (centre + rng.normal(0, 0.1, shape)).astype(np.float32)
+    return abstract, flat
