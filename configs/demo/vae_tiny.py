@@ -7,8 +7,9 @@ mixed_video_image 0.2), with our 2D VAE in place of the SDXL one and an L2 z-spa
         --config.from_pretrained=RUN/vae_2d_std --out-dir RUN/vae_temporal
 
 With L1 (the reference's) the temporal VAE settles on the background latent and blurs the shapes into
-one grey colour; with L2, unit-variance 2D latents and a small initial posterior std, 400 steps give
-coloured shapes in the right places (held-out L1 0.063 vs 0.085 for all-black).
+one grey colour; with L2, unit-variance 2D latents and a small initial posterior std it learns them:
+held-out L1 0.063 after 400 steps and 0.050 after 1000 (all-black: 0.085); judged like generated clips,
+its reconstructions have the caption's colour in 64% of held-out clips after 400 steps, 97% after 1000.
 
 Architecture: 2D VAE /4 (widths 16-32-32, one ResNet per block, 8 groups) and a temporal VAE /4 in
 time (16 filters, one res block per level, 8 groups); 17-frame clips at 32×32 → latents 5×8×8×4. (/8,
@@ -53,7 +54,7 @@ def get_config():
     c.loss.use_image_identity_loss = True
     c.loss.latent_loss = "l2"
     c.optimizer.lr = 1e-3
-    c.steps = 400
+    c.steps = 1000
     c.ckpt_every = 200
     c.log_every = 25
     return c
