@@ -33,7 +33,7 @@ def get_config():
     c.optimizer.lr = 1e-3
     c.optimizer.warmup_steps = 100
     c.ema_decay = 0.995
-    c.steps = 1500
+    c.steps = 3000
     c.ckpt_every = 500
     c.keep_checkpoints = 1
     c.log_every = 100
