@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from opensora_jax import plan
+from opensora_jax import plan, plan_table
 from opensora_jax.models.stdit3 import STDiT3Config
 
 # Heads (8) and S = (18/2)·(32/2) = 144 tokens divide every mesh below; 144p 9:16 is 144×256 pixels.
@@ -57,7 +57,7 @@ def test_report_and_json(sampling, tmp_path):
         assert text in report
     payload = json.loads(json.dumps(result.to_json(), default=str))
     assert payload["memory_gib"]["peak"] == pytest.approx(result.memory.peak / plan.GIB)
-    row = plan.table_row(result)
+    row = plan_table.table_row(result)
     assert row.startswith("| sample | 144p 144×256 | 5×18×32 | 8 | fsdp=2,sequence=4 | 1 (CFG 2) |")
 
 
@@ -133,7 +133,7 @@ def test_request_cpu_devices_sets_or_raises_the_flag():
 
 
 def test_table_specs():
-    specs = plan.table_specs(modes=("train",), resolutions=("240p",), devices=(1, 8, 64))
+    specs = plan_table.table_specs(modes=("train",), resolutions=("240p",), devices=(1, 8, 64))
     assert [(s.mesh, s.batch, s.train) for s in specs] == [
         ("data=1", 1, True), ("fsdp=8", 8, True), ("fsdp=8,sequence=8", 8, True)]
-    assert all(s.batch == 1 for s in plan.table_specs(modes=("sample",)))
+    assert all(s.batch == 1 for s in plan_table.table_specs(modes=("sample",)))

@@ -1,0 +1,59 @@
+"""The README's per-device memory table: which (mode, resolution, device count) entries it has, one
+Markdown row per planner result, and the run that compiles them all (`python -m opensora_jax.plan --table`)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from opensora_jax import parallel
+from opensora_jax.plan import TABLE_DEVICES, TABLE_MESHES, TABLE_MODES, TABLE_RESOLUTIONS, PlanResult, PlanSpec, plan
+
+
+def table_specs(modes=TABLE_MODES, resolutions=TABLE_RESOLUTIONS, devices=TABLE_DEVICES,
+                model: str = "STDiT3-XL/2", aspect_ratio: str = "9:16", num_frames: str = "4s") -> list[PlanSpec]:
+    """The README table's entries: sampling with batch 1 (CFG ⇒ 2); training with one sample per
+    data-parallel rank (data × fsdp)."""
+    specs = []
+    for mode in modes:
+        if mode not in TABLE_MESHES:
+            raise ValueError(f"table mode {mode!r} unknown; choose from {TABLE_MODES}")
+        for resolution in resolutions:
+            for count in devices:
+                if count not in TABLE_MESHES[mode]:
+                    raise ValueError(f"no table mesh for {count} devices; choose from {sorted(TABLE_MESHES[mode])}")
+                mesh = TABLE_MESHES[mode][count]
+                sizes = parallel.MeshConfig.parse(mesh).sizes()
+                batch = sizes["data"] * sizes["fsdp"] if mode == "train" else 1
+                specs.append(PlanSpec(model=model, resolution=resolution, aspect_ratio=aspect_ratio,
+                                      num_frames=num_frames, mesh=mesh, train=mode == "train", batch=batch))
+    return specs
+
+
+TABLE_HEADER = (
+    "| Mode | Resolution | Latent T×H×W | Devices | Mesh | Batch | Arguments | Outputs | Temporaries "
+    "| Peak / device |",
+    "|---|---|---|---:|---|---:|---:|---:|---:|---:|",
+)
+
+
+def table_row(result: PlanResult) -> str:
+    """One Markdown row (GiB per device)."""
+    g, (t, h, w, _) = result.memory.gib(), result.video.latent
+    batch = f"{result.batch} (CFG {result.model_batch})" if result.mode == "sample" else f"{result.batch}"
+    return (f"| {result.mode} | {result.resolution} {result.video.height}×{result.video.width} | {t}×{h}×{w} | "
+            f"{result.devices} | {result.mesh_text} | {batch} | {g['arguments']:.2f} | {g['outputs']:.2f} | "
+            f"{g['temporaries']:.2f} | {g['peak']:.2f} GiB |")
+
+
+def run_table(specs: Sequence[PlanSpec], log=sys.stderr) -> tuple[str, list[PlanResult]]:
+    """Compiles every spec (progress and timings to `log`) and returns the Markdown table and the results."""
+    rows, results = list(TABLE_HEADER), []
+    for i, spec in enumerate(specs, 1):
+        result = plan(spec)
+        results.append(result)
+        rows.append(table_row(result))
+        print(f"[{i}/{len(specs)}] {spec.mode} {spec.resolution} {result.mesh_text}: peak "
+              f"{result.memory.gib()['peak']:.2f} GiB, lower {result.lower_s:.1f} s + compile {result.compile_s:.1f} s"
+              + "".join(f"\n    note: {n}" for n in result.notes), file=log, flush=True)
+    return "\n".join(rows), results
