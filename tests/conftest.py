@@ -28,6 +28,15 @@ def fixtures_root() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, pathlib.Path]:
+    """Converted tiny random {stdit3, vae, t5} directories (tests/tiny.py), written once per session and
+    shared by every module that needs them: tests read them and must not write into them."""
+    from tests.tiny import write_tiny_checkpoints
+
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny_checkpoints"))
+
+
+@pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
     root = fixtures_root()
     if not root.is_dir():

@@ -13,7 +13,7 @@ from opensora_jax.config_utils import run_cli
 from opensora_jax.data.features import FeatureLoader, load_shard, main, read_index
 from opensora_jax.data.synthetic import make_dataset
 from opensora_jax.training.loop import BatchEncoder, make_video_loader, train
-from tests.tiny import STDIT3_CONFIG, write_tiny_checkpoints
+from tests.tiny import STDIT3_CONFIG
 
 SEED = 3
 MAX_LEN = STDIT3_CONFIG["model_max_length"]
@@ -24,9 +24,9 @@ LATENT = [2, 5, 4, 4, 4]  # 17 frames, 32×32 px → 5×4×4 latents with 4 chan
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_checkpoints):
     root = tmp_path_factory.mktemp("features_cli")
-    ckpts = write_tiny_checkpoints(root / "ckpt")
+    ckpts = tiny_checkpoints
     csv = make_dataset(root / "data", num_clips=6, frames=20, size=(32, 32), seed=0)  # → 3 batches of 2 × 17 frames
     return root, ckpts, csv
 

@@ -274,12 +274,11 @@ def test_checkpoint_saved_on_one_mesh_restores_onto_another(tmp_path):
     assert restored["blocks"]["spatial"]["attn"]["qkv_kernel"].sharding.spec == P(None, None, None, "tensor", None)
 
 
-def test_models_load_sharded_tensor_by_tensor(tmp_path):
+def test_models_load_sharded_tensor_by_tensor(tiny_checkpoints):
     """load_model(mesh=...) places each parameter per its logical axes (embed on fsdp, vocab/heads on tensor)."""
     from convert.registry import load_model
-    from tests.tiny import write_tiny_checkpoints
 
-    ckpts = write_tiny_checkpoints(tmp_path)
+    ckpts = tiny_checkpoints
     mesh = parallel.make_mesh("fsdp=4,tensor=2")
     t5, _ = load_model("t5", ckpts["t5"], mesh=mesh)
     emb = t5.embedding[...]

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 
 from opensora_jax import video_io
-from tests.tiny import write_tiny_checkpoints
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
+def ckpts(tiny_checkpoints):
+    return tiny_checkpoints
 
 
 def _sample(ckpts, out_dir, *extra):

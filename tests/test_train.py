@@ -13,15 +13,15 @@ import pytest
 from configs.demo.train_tiny import get_config
 from opensora_jax.data.synthetic import make_dataset
 from opensora_jax.training.loop import train
-from tests.tiny import STDIT3_CONFIG, write_tiny_checkpoints
+from tests.tiny import STDIT3_CONFIG
 
 BUCKETS = {"32px": {17: (1.0, 2)}}
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_checkpoints):
     root = tmp_path_factory.mktemp("train")
-    ckpts = write_tiny_checkpoints(root / "ckpt")
+    ckpts = tiny_checkpoints
     csv = make_dataset(root / "data", num_clips=6, frames=20, size=(32, 32), seed=0)
     return root, ckpts, csv
 
