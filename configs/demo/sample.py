@@ -25,7 +25,11 @@ def get_config():
     c.aes = None  # the demo's captions carry no score suffixes
     c.dtype = "float32"
     c.scheduler.num_sampling_steps = 30
-    c.scheduler.cfg_scale = 7.0
+    # Chosen on seeds the quality test does not use (2-5): prompt-grid match at cfg 1.5 / 2 / 2.5 / 3 / 7
+    # was 85 / 86 / 87 / 84 / 62% and 90 / 92 / 93 / 93 / 82% for two models of the earlier recipe (batch
+    # 32), 90 / 90 / 88 / 70% at cfg 2 / 2.5 / 3 / 7 for SEED=0 of this one; above about 3 the colours
+    # drift towards their neighbours (blue → purple, yellow → green, white → purple).
+    c.scheduler.cfg_scale = 2.5
     c.scheduler.use_timestep_transform = False  # as the demo STDiT3 was trained (configs/demo/stdit3_tiny.py)
     c.save_upscale = 4
     return c
