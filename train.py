@@ -1,60 +1,9 @@
-"""Train STDiT3 (Open-Sora v1.2) with opensora-jax.
+"""python train.py: STDiT3 training (also the `opensora-train` command); see --help."""
 
-    python train.py --config configs/opensora_v1_2/train_stage1.py --config.data.csv=data.csv \
-        --config.vae=ckpt/vae --config.t5=ckpt/t5 --config.from_pretrained=ckpt/stdit3
-    python train.py --config configs/demo/train_tiny.py --out-dir outputs/demo
-
-Re-running with the same --out-dir resumes from its latest checkpoint (model, EMA, optimizer, step, RNG
-and data position), so a killed run continues as if it had never stopped.
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
 
-FLAGS = {
-    "--out-dir": ("out_dir", str, "run directory: config.json, metrics.jsonl, checkpoints/, ema_model/"),
-    "--steps": ("steps", int, "total number of updates"),
-    "--seed": ("seed", int, "seed of init, data order, masks, noise"),
-    "--csv": ("data.csv", str, "training CSV (path, text, num_frames, height, width, fps, ...)"),
-    "--features": ("data.features", str, "directory of precomputed features (instead of --csv)"),
-    "--lr": ("optimizer.lr", float, "peak learning rate"),
-    "--ckpt-every": ("ckpt_every", int, "save a checkpoint every N steps"),
-    "--dtype": ("dtype", str, "compute dtype: bfloat16 or float32 (master weights stay float32)"),
-    "--mesh": ("mesh", str, "device mesh, e.g. 'fsdp=8' or 'data=-1,fsdp=8'; axes data/fsdp/tensor/sequence"),
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from opensora_jax.config_utils import add_flags
-
-    parser = argparse.ArgumentParser(prog="python train.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True,
-                        help="ml_collections config file (configs/opensora_v1_2/train_stage1.py, configs/demo/...); "
-                        "override any field with --config.FIELD=VALUE")
-    add_flags(parser, FLAGS)
-    return parser
-
-
-def make_config(argv):
-    from opensora_jax.config_utils import config_from_cli
-
-    return config_from_cli(argv, build_parser(), FLAGS)[0]
-
-
-def main(argv=None) -> int:
-    config = make_config(sys.argv[1:] if argv is None else argv)
-    from opensora_jax.parallel import initialize_distributed
-    from opensora_jax.training.loop import train
-
-    initialize_distributed()  # multi-process launches (SLURM, torchrun-style env, JAX_COORDINATOR_ADDRESS)
-    train(config)
-    return 0
-
+from opensora_jax.cli.train import main
+from opensora_jax.config_utils import run_cli
 
 if __name__ == "__main__":
-    from opensora_jax.config_utils import run_cli
-
     sys.exit(run_cli(main))

@@ -1,71 +1,9 @@
-r"""Train the Open-Sora v1.2 video VAE (2D VAE + temporal VAE) with opensora-jax (spec §12).
+"""python train_vae.py: Open-Sora v1.2 VAE training (also the `opensora-train-vae` command); see --help."""
 
-    python train_vae.py --config configs/vae/train_stage1.py --csv videos.csv \
-        --config.vae_2d_pretrained=sdxl_vae/diffusion_pytorch_model.safetensors
-    python train_vae.py --config configs/vae/train_stage2.py --csv videos.csv \
-        --config.from_pretrained=outputs/vae_stage1/vae_model
-    python train_vae.py --config configs/demo/vae_tiny.py --csv /tmp/synth/train.csv --out-dir /tmp/vae_tiny
-
-Re-running with the same --out-dir resumes from its latest checkpoint (parameters, optimizer, step, RNG
-and data position) exactly. At the end the VAE is exported to OUT_DIR/vae_model, a converted directory
-that sample.py and train.py load as their `vae`.
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
 
-FLAGS = {
-    "--out-dir": ("out_dir", str, "run directory: config.json, metrics.jsonl, eval.jsonl, checkpoints/, vae_model/"),
-    "--steps": ("steps", int, "total number of updates"),
-    "--seed": ("seed", int, "seed of init, data order, mixing and posterior sampling"),
-    "--csv": ("data.csv", str, "training CSV of videos (path,text,num_frames,height,width,fps)"),
-    "--eval-csv": ("eval.csv", str, "held-out CSV: reconstruction L1 at the end (and every eval.every steps)"),
-    "--stage": ("stage", int, "trainable set: 0 the 2D VAE alone as an image autoencoder (ours), 1 temporal VAE, "
-               "2 + 2D encoder, 3 everything"),
-    "--lr": ("optimizer.lr", float, "learning rate (constant)"),
-    "--ckpt-every": ("ckpt_every", int, "save a checkpoint every N steps"),
-    "--dtype": ("dtype", str, "compute dtype: bfloat16 or float32 (parameters stay float32)"),
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python train_vae.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True,
-                        help="ml_collections config file (configs/vae/train_stage1.py, configs/demo/vae_tiny.py, ...); "
-                        "override any field with --config.FIELD=VALUE")
-    for flag, (field, kind, text) in FLAGS.items():
-        parser.add_argument(flag, type=kind, default=None, help=f"{text} [config: {field}]")
-    return parser
-
-
-def make_config(argv):
-    from opensora_jax.config_utils import apply_overrides, load_config_file, split_config_overrides
-
-    rest, overrides = split_config_overrides(argv)
-    args = build_parser().parse_args(rest)
-    config = load_config_file(args.config)
-    apply_overrides(config, overrides)
-    for flag, (field, _, _) in FLAGS.items():
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
-        if value is not None:
-            apply_overrides(config, {field: str(value)})
-    return config
-
-
-def main(argv=None) -> int:
-    config = make_config(sys.argv[1:] if argv is None else argv)
-    from opensora_jax.training.vae_train import train_vae
-
-    train_vae(config)
-    return 0
-
+from opensora_jax.cli.train_vae import main
+from opensora_jax.config_utils import run_cli
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main))

@@ -20,7 +20,7 @@ import jax  # noqa: E402
 
 from bench.common import environment, host_peak_rss_bytes, write_json  # noqa: E402
 from opensora_jax import presets  # noqa: E402
-from opensora_jax.pipeline import Pipeline  # noqa: E402
+from opensora_jax.pipelines.opensora_v1_2 import Pipeline  # noqa: E402
 
 
 def main(argv=None):

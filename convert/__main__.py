@@ -7,7 +7,12 @@ import json
 import sys
 import time
 
-from convert.registry import CONVERTERS, converter
+import jax.numpy as jnp
+
+from convert.registry import CONVERTERS, converter, load_flat
+from opensora_jax.checkpoints import save_converted
+from opensora_jax.config_utils import console_entry, run_cli
+from opensora_jax.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,15 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--config {path}: not valid JSON: {e}") from None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    import jax.numpy as jnp
-
-    from convert.checkpoint import save_converted
-    from convert.registry import load_flat
-
     module = converter(args.model)
-    config = json.loads(open(args.config).read()) if args.config else module.config_from_source(args.src)
+    config = _read_config(args.config) if args.config else module.config_from_source(args.src)
     start = time.time()
     abstract = module.abstract_model(config, jnp.dtype(args.dtype))
     flat = load_flat(module, args.src, config, abstract, dtype=jnp.dtype(args.dtype), allow_pickle=args.allow_pickle)
@@ -58,7 +66,7 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from opensora_jax.config_utils import run_cli
+cli = console_entry(main)
 
+if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
+from opensora_jax.errors import CheckpointError
+
 if TYPE_CHECKING:
-    from convert.sources import SourceReader
+    from opensora_jax.tensor_files import SourceReader
 
 Shape = tuple[int, ...]
 STACK = "{i}"
@@ -80,13 +82,11 @@ class Table:
         return any(re.fullmatch(pattern, key) for pattern in self.optional_sources)
 
 
-class ConversionError(ValueError):
+class ConversionError(CheckpointError):
     """Every problem found while matching a checkpoint to a module, one per line (`.problems`)."""
 
     def __init__(self, problems: Sequence[str], context: str = "conversion"):
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{context}: {len(self.problems)} problem(s):\n{lines}")
+        super().__init__(problems, context)
 
 
 @dataclasses.dataclass(frozen=True)

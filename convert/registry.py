@@ -1,21 +1,19 @@
-"""Which converter module serves which model name, and the one loader every CLI uses.
+"""Which converter module serves which model name, and the loader that accepts reference weights too.
 
 A converter module provides `DESCRIPTION`, `table(config)`, `abstract_model(config, dtype)` and
-`config_from_source(path)`.
+`config_from_source(path)`. The models themselves are named in `opensora_jax.families`; a converted
+directory is read by `opensora_jax.checkpoints`, which `load_model` here defers to.
 """
 
 from __future__ import annotations
 
 import importlib
-import pathlib
 from types import ModuleType
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
-from convert.checkpoint import is_converted_dir, load_converted, load_params, variable_paths
+from convert.checkpoint import is_converted_dir, load_params, variable_paths
+from opensora_jax import checkpoints
+from opensora_jax.checkpoints import materialize, read_config, resolve_checkpoint  # noqa: F401 - re-exported
+from opensora_jax.errors import UserError
 
 CONVERTERS: dict[str, str] = {
     "stdit3": "convert.stdit3",
@@ -27,64 +25,31 @@ CONVERTERS: dict[str, str] = {
 def converter(name: str) -> ModuleType:
     """The converter module for a model name ("stdit3", "t5", "vae")."""
     if name not in CONVERTERS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(CONVERTERS)}")
+        raise UserError(f"unknown model {name!r}; choose one of {sorted(CONVERTERS)}")
     return importlib.import_module(CONVERTERS[name])
 
 
-def materialize(abstract_module, flat: dict[str, np.ndarray], mesh=None):
-    """Fills an abstract (nnx.eval_shape) module with arrays, without ever running its random init.
-
-    With a `mesh`, each array goes straight to its sharded placement (from the variable's logical axes),
-    tensor by tensor, so no device ever holds a whole unsharded model.
-    """
-    from opensora_jax.parallel import variable_sharding
-
-    graphdef, state = nnx.split(abstract_module)
-    for path, var in nnx.to_flat_state(state):
-        key = "/".join(str(p) for p in path)
-        if key not in flat:
-            raise KeyError(f"no value for variable {key}")
-        value = np.asarray(flat[key], dtype=var.get_value().dtype)
-        var.set_value(jnp.asarray(value) if mesh is None else jax.device_put(value, variable_sharding(var, mesh)))
-    return nnx.merge(graphdef, state)
-
-
-def resolve_checkpoint(path_or_repo, what: str = "checkpoint") -> pathlib.Path:
-    """A local path as is; otherwise a hub id ("org/name") resolved to its snapshot in the local Hugging
-    Face cache. Nothing is downloaded: a repo absent from the cache raises an error naming it."""
-    path = pathlib.Path(path_or_repo)
-    if path.exists():
-        return path
-    text = str(path_or_repo)
-    if text.count("/") == 1 and not text.startswith((".", "/")):
-        from huggingface_hub import snapshot_download
-
-        try:
-            return pathlib.Path(snapshot_download(text, local_files_only=True))
-        except Exception as e:  # noqa: BLE001 - hub errors vary by version; all mean "not available offline"
-            raise FileNotFoundError(
-                f"{what} {text!r} is not a local path and not in the local Hugging Face cache (nothing is "
-                f"downloaded; fetch it on a connected machine): {type(e).__name__}") from None
-    raise FileNotFoundError(f"{what} {path} does not exist")
-
-
-def load_model(name: str, path, *, config: dict | None = None, dtype=None, allow_pickle: bool = False, mesh=None):
+def load_model(name: str, path, *, config: dict | None = None, overrides: dict | None = None, dtype=None,
+               compute_dtype=None, allow_pickle: bool = False, mesh=None):
     """Loads model `name` from a converted directory or from the reference's own weight files.
 
-    The architecture comes from `config` if given, else from the converted directory's config.json or
-    the converter's `config_from_source(path)`. `dtype` sets the parameter dtype (default float32).
+    A `checkpoints.ModelLoader`: the CLIs hand it to pipelines and trainers so users may pass either.
+    The architecture comes from `config` if given, else from the converted directory's config.json or the
+    converter's `config_from_source(path)`, with `overrides` merged in. `dtype` sets the parameter dtype (default float32).
     With a `mesh`, parameters are placed sharded per their logical axes as they load.
     Returns (module, config dict).
     """
-    module = converter(name)
     path = resolve_checkpoint(path, f"{name} checkpoint")
-    if config is None:
-        config = resolve_config(name, path)
-    abstract = module.abstract_model(config, dtype)
+    if is_converted_dir(path):
+        return checkpoints.load_model(name, path, config=config, overrides=overrides, dtype=dtype,
+                                      compute_dtype=compute_dtype, mesh=mesh)
+    module = converter(name)
+    config = {**(module.config_from_source(path) if config is None else config), **(overrides or {})}
+    abstract = module.abstract_model(config, dtype, compute_dtype)
     flat = load_flat(module, path, config, abstract, dtype=dtype, allow_pickle=allow_pickle)
     missing = set(variable_paths(abstract)) - set(flat)
     if missing:
-        raise KeyError(f"{path}: no values for {sorted(missing)}")
+        raise UserError(f"{path}: no values for {sorted(missing)}")
     return materialize(abstract, flat, mesh), config
 
 
@@ -98,12 +63,7 @@ def load_flat(module: ModuleType, path, config: dict, abstract, *, dtype=None, a
 
 def resolve_config(name: str, path) -> dict:
     """The architecture stored with a checkpoint: a converted directory's config, else the converter's guess."""
-    return load_converted_config(path) if is_converted_dir(path) else converter(name).config_from_source(path)
+    return read_config(path) if is_converted_dir(path) else converter(name).config_from_source(path)
 
 
-def load_converted_config(path) -> dict:
-    """The model config stored by `python -m convert` in a converted directory."""
-    import json
-
-    meta = json.loads((pathlib.Path(path) / "config.json").read_text())
-    return meta["config"]
+load_converted_config = read_config

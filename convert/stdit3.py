@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import pathlib
 
-import jax.numpy as jnp
-from flax import nnx
-
 from convert.keymap import Rule, Table
+from opensora_jax.families import MODELS
 from opensora_jax.models.stdit3 import STDiT3, STDiT3Config, preset
 
 DESCRIPTION = "STDiT3 diffusion transformer (Open-Sora v1.2, e.g. hpcai-tech/OpenSora-STDiT-v3)"
@@ -79,12 +77,9 @@ def table(config: dict | STDiT3Config) -> Table:
     return Table(name="stdit3", rules=rules, strip_prefixes=("module.",), ignore=(r"pos_embed", r"pos_embed_temporal"))
 
 
-def abstract_model(config: dict | STDiT3Config, dtype=None) -> STDiT3:
-    """The model with abstract (shape-only) parameters: nothing is allocated."""
-    cfg = config if isinstance(config, STDiT3Config) else STDiT3Config.from_reference(config)
-    if dtype is not None:
-        cfg = STDiT3Config(**{**cfg.to_dict(), "param_dtype": jnp.dtype(dtype).name})
-    return nnx.eval_shape(lambda: STDiT3(cfg, rngs=nnx.Rngs(0)))
+def abstract_model(config: dict | STDiT3Config, dtype=None, compute_dtype=None) -> STDiT3:
+    """The model with abstract (shape-only) parameters of `dtype`: nothing is allocated."""
+    return MODELS["stdit3"].abstract(config, param_dtype=dtype, compute_dtype=compute_dtype)
 
 
 def config_from_source(path) -> dict:

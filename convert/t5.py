@@ -20,9 +20,12 @@ import re
 import jax.numpy as jnp
 import numpy as np
 
-from convert.keymap import ConversionError, Rule, Table
-from convert.sources import SourceReader, open_source
-from opensora_jax.models.t5 import T5Config, T5Encoder, abstract_encoder
+from convert.checkpoint import is_converted_dir, load_params as engine_load, variable_paths
+from convert.keymap import ConversionError, Rule, Table, convert
+from opensora_jax.tensor_files import SourceReader, open_source
+from opensora_jax.checkpoints import materialize
+from opensora_jax.families import MODELS
+from opensora_jax.models.t5 import T5Config, T5Encoder
 
 DESCRIPTION = "T5 v1.1 text encoder (transformers T5EncoderModel or full T5 checkpoint, e.g. DeepFloyd/t5-v1_1-xxl)"
 
@@ -65,10 +68,9 @@ def table(config: dict | T5Config) -> Table:
     return Table(name="t5", rules=rules, ignore=(re.escape(ENCODER_EMBEDDING), *_DECODER))
 
 
-def abstract_model(config: dict | T5Config, dtype=None) -> T5Encoder:
+def abstract_model(config: dict | T5Config, dtype=None, compute_dtype=None) -> T5Encoder:
     """The encoder with abstract (shape-only) parameters of `dtype` (default float32); nothing is allocated."""
-    dt = jnp.dtype(dtype) if dtype is not None else jnp.float32
-    return abstract_encoder(_config(config), dtype=jnp.float32, param_dtype=dt)
+    return MODELS["t5"].abstract(_config(config), param_dtype=dtype, compute_dtype=compute_dtype)
 
 
 class T5Source(SourceReader):
@@ -130,9 +132,6 @@ def load_params(path, config: dict | T5Config | None = None, *, dtype=None, allo
     `config` defaults to `config_from_source(path)`. Tensors are read one at a time from the memory-mapped
     file(s) into preallocated arrays of `dtype` (default float32).
     """
-    from convert.checkpoint import is_converted_dir, load_params as engine_load, variable_paths
-    from convert.keymap import convert
-
     cfg = _config(config if config is not None else config_from_source(path, allow_pickle=allow_pickle))
     abstract = abstract_model(cfg, dtype)
     if is_converted_dir(path):
@@ -147,14 +146,9 @@ def load_model(path, config: dict | T5Config | None = None, *, dtype=jnp.float32
 
     With a `mesh`, each tensor is placed sharded (per its logical axes, e.g. embed on fsdp) as it loads.
     """
-    from flax import nnx
-
-    from convert.registry import materialize
-
     cfg = _config(config if config is not None else config_from_source(path, allow_pickle=allow_pickle))
     flat = load_params(path, cfg, dtype=param_dtype, allow_pickle=allow_pickle)
-    model = nnx.eval_shape(lambda: T5Encoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-    return materialize(model, flat, mesh)
+    return materialize(abstract_model(cfg, param_dtype, dtype), flat, mesh)
 
 
 def config_from_source(path, *, allow_pickle: bool = False) -> dict:

@@ -12,10 +12,11 @@ import json
 import pathlib
 from typing import Any
 
-import jax.numpy as jnp
-from flax import nnx
 
-from convert.keymap import Rule, Table
+from convert.keymap import Rule, Table, convert
+from opensora_jax.tensor_files import open_source
+from opensora_jax.checkpoints import is_converted_dir, load_flat_into, read_config, variable_paths
+from opensora_jax.families import MODELS
 from opensora_jax.models.vae.opensora_v1_2 import OPENSORA_VAE_V1_2_PRESET, OpenSoraVAE, OpenSoraVAEConfig
 
 DESCRIPTION = "Open-Sora v1.2 video VAE: 2D KL autoencoder + causal temporal VAE (e.g. hpcai-tech/OpenSora-VAE-v1.2)"
@@ -177,11 +178,10 @@ def table(config: dict | OpenSoraVAEConfig) -> Table:
     return Table(name="vae_v1_2", rules=rules, strip_prefixes=("module.",))
 
 
-def abstract_model(config: dict | OpenSoraVAEConfig, dtype=None) -> OpenSoraVAE:
-    """The VAE with abstract (shape-only) variables; nothing is allocated. `dtype` sets params and compute."""
-    cfg = _as_config(config)
-    dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(jnp.float32)
-    return nnx.eval_shape(lambda: OpenSoraVAE(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
+def abstract_model(config: dict | OpenSoraVAEConfig, dtype=None, compute_dtype=None) -> OpenSoraVAE:
+    """The VAE with abstract (shape-only) variables; nothing is allocated. `dtype` sets params (and compute,
+    unless `compute_dtype` is given)."""
+    return MODELS["vae"].abstract(_as_config(config), param_dtype=dtype, compute_dtype=compute_dtype)
 
 
 # ----------------------------------------------------------------------------- config discovery
@@ -257,12 +257,9 @@ def config_from_source(path) -> dict[str, Any]:
     the architecture (our `vae_2d`/`vae_temporal` kwargs); the shapes of a safetensors checkpoint;
     otherwise (e.g. a pickle, which is not opened here) the released preset.
     """
-    from convert.checkpoint import is_converted_dir, load_converted
-    from convert.sources import open_source
-
     path = pathlib.Path(path)
     if is_converted_dir(path):
-        return load_converted(path)[1]["config"]
+        return read_config(path)
     directory = path if path.is_dir() else path.parent
     config_file = directory / "config.json"
     if config_file.is_file():
@@ -284,3 +281,21 @@ def config_from_source(path) -> dict[str, Any]:
                 if key in shapes:
                     values[name] = source.get(key).reshape(-1).tolist()
     return config_from_shapes(shapes, values)
+
+
+# ----------------------------------------------------------------------------- 2D part alone
+
+
+def load_spatial_weights(vae: OpenSoraVAE, path, *, allow_pickle: bool = False) -> None:
+    """Loads 2D-VAE weights into `vae.spatial` from a diffusers `AutoencoderKL` checkpoint (keys
+    `encoder.*`, `decoder.*`, `quant_conv.*`, ...; stage 1 starts from the PixArt-Σ SDXL VAE) or from a
+    whole reference VAE checkpoint (its `spatial_vae.module.*` part)."""
+    prefix = SPATIAL + "."
+    rules = [Rule(r.target.removeprefix("spatial/"), r.source.removeprefix(prefix), r.transform, r.resize_rows)
+             for r in table(vae.config).rules if r.target.startswith("spatial/")]
+    spatial_table = Table(name="vae_2d", rules=rules, strip_prefixes=("module.", prefix),
+                  ignore=(r"temporal_vae\..*", "scale", "shift"))
+    targets = variable_paths(vae.spatial)
+    with open_source(path, allow_pickle=allow_pickle) as source:
+        flat = convert(spatial_table, source, targets)
+    load_flat_into(vae.spatial, flat)

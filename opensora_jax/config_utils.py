@@ -6,8 +6,11 @@ import ast
 import importlib.util
 import json
 import pathlib
+import sys
 
 import ml_collections
+
+from opensora_jax.errors import UserError
 
 
 def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
@@ -19,7 +22,7 @@ def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {path} defines no get_config()")
+        raise UserError(f"config file {path} defines no get_config()")
     return module.get_config()
 
 
@@ -48,15 +51,15 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
         node, *parents = config, *dotted.split(".")[:-1]
         for name in parents:
             if name not in node:
-                raise KeyError(f"config has no field {dotted!r} (no {name!r})")
+                raise UserError(f"config has no field {dotted!r} (no {name!r})")
             node = node[name]
         leaf = dotted.split(".")[-1]
         if leaf not in node:
-            raise KeyError(f"config has no field {dotted!r}; fields here: {sorted(node.keys())}")
+            raise UserError(f"config has no field {dotted!r}; fields here: {sorted(node.keys())}")
         try:
             node[leaf] = _parse_value(text, node[leaf])
         except (ValueError, TypeError) as e:
-            raise ValueError(f"--config.{dotted}={text}: {e}") from None
+            raise UserError(f"--config.{dotted}={text}: {e}") from None
     return config
 
 
@@ -69,7 +72,7 @@ def split_config_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
             key, eq, value = arg[len("--config."):].partition("=")
             if not eq:
                 if i + 1 >= len(argv):
-                    raise ValueError(f"{arg} needs a value")
+                    raise UserError(f"{arg} needs a value")
                 value, i = argv[i + 1], i + 1
             overrides[key] = value
         else:
@@ -104,6 +107,19 @@ def config_from_cli(argv: list[str], parser, flags: dict[str, tuple], list_field
     return config, args
 
 
+def config_parser(prog: str, description: str, config_help: str, flags: dict[str, tuple],
+                  list_fields=frozenset(), *, config_required: bool = True):
+    """An argparse parser with `--config FILE` (help `config_help`) and every flag of `flags` (see add_flags)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=config_required, default=None,
+                        help=f"{config_help}; override any field with --config.FIELD=VALUE")
+    add_flags(parser, flags, list_fields)
+    return parser
+
+
 def add_flags(parser, flags: dict[str, tuple], list_fields=frozenset()) -> None:
     """Adds each "--flag" of `flags` with its help text and the config field it sets."""
     for flag, (field, kind, text) in flags.items():
@@ -111,12 +127,23 @@ def add_flags(parser, flags: dict[str, tuple], list_fields=frozenset()) -> None:
                             help=f"{text} [config: {field}]")
 
 
-def run_cli(main, argv=None) -> int:
-    """Runs a CLI's main(); user errors print one `error: ...` line and exit with status 2."""
-    import sys
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
 
+
+def run_cli(main, argv=None) -> int:
+    """Runs a CLI's main(). The user's mistakes (`USER_ERRORS`: a UserError, a missing or existing file) print
+    one `error: ...` line and give exit status 2; any other exception is ours and keeps its traceback."""
     try:
         return main(argv)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def console_entry(main):
+    """A `[project.scripts]` entry point for `main`: the same code path as `python -m ...`."""
+
+    def entry() -> None:
+        sys.exit(run_cli(main))
+
+    return entry

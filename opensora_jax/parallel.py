@@ -53,6 +53,7 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from opensora_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +111,10 @@ class MeshConfig:
         sizes = self.sizes()
         bad = {name: size for name, size in sizes.items() if size == 0 or size < -1}
         if bad:
-            raise ValueError(f"mesh axis sizes must be positive or -1, got {bad}")
+            raise UserError(f"mesh axis sizes must be positive or -1, got {bad}")
         fill = [name for name, size in sizes.items() if size == -1]
         if len(fill) > 1:
-            raise ValueError(f"only one mesh axis may be -1 (fill the rest), got {fill}")
+            raise UserError(f"only one mesh axis may be -1 (fill the rest), got {fill}")
 
     @classmethod
     def parse(cls, spec: str) -> "MeshConfig":
@@ -128,15 +129,15 @@ class MeshConfig:
         for item in spec.split(","):
             name, sep, value = (part.strip() for part in item.partition("="))
             if not sep or not name or not value:
-                raise ValueError(f"mesh spec {spec!r}: entry {item.strip()!r} is not of the form axis=size")
+                raise UserError(f"mesh spec {spec!r}: entry {item.strip()!r} is not of the form axis=size")
             if name not in MESH_AXES:
-                raise ValueError(f"mesh spec {spec!r}: unknown axis {name!r}; axes are {MESH_AXES}")
+                raise UserError(f"mesh spec {spec!r}: unknown axis {name!r}; axes are {MESH_AXES}")
             if name in sizes:
-                raise ValueError(f"mesh spec {spec!r}: axis {name!r} given twice")
+                raise UserError(f"mesh spec {spec!r}: axis {name!r} given twice")
             try:
                 sizes[name] = int(value)
             except ValueError:
-                raise ValueError(f"mesh spec {spec!r}: size {value!r} of axis {name!r} is not an integer") from None
+                raise UserError(f"mesh spec {spec!r}: size {value!r} of axis {name!r} is not an integer") from None
         return cls(**{name: sizes.get(name, 1) for name in MESH_AXES})
 
     def sizes(self) -> dict[str, int]:
@@ -149,13 +150,13 @@ class MeshConfig:
         fill = [name for name, size in sizes.items() if size == -1]
         if fill:
             if device_count % known:
-                raise ValueError(
+                raise UserError(
                     f"mesh {self._text()}: the fixed axes use {known} devices, which does not divide the "
                     f"{device_count} available, so {fill[0]}=-1 cannot fill the rest"
                 )
             sizes[fill[0]] = device_count // known
         elif known != device_count:
-            raise ValueError(
+            raise UserError(
                 f"mesh {self._text()} needs {known} devices but {device_count} are available; "
                 f"change the sizes or set one axis to -1"
             )
@@ -174,7 +175,7 @@ def _as_mesh_config(spec: str | MeshConfig | Mapping[str, int] | None) -> MeshCo
         return MeshConfig.parse(spec)
     unknown = sorted(set(spec) - set(MESH_AXES))
     if unknown:
-        raise ValueError(f"unknown mesh axes {unknown}; axes are {MESH_AXES}")
+        raise UserError(f"unknown mesh axes {unknown}; axes are {MESH_AXES}")
     return MeshConfig(**{name: int(spec.get(name, 1)) for name in MESH_AXES})
 
 

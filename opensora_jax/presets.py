@@ -9,6 +9,7 @@ not produced by its `get_h_w` helper, so they cannot be recomputed). Sizes are (
 from __future__ import annotations
 
 import operator
+from opensora_jax.errors import UserError
 
 DEFAULT_FPS = 24
 IMG_FPS = 120  # the fps the model is told for a single image
@@ -217,7 +218,7 @@ def aspect_ratio_key(aspect_ratio: str) -> str:
     try:
         return ASPECT_RATIO_MAP[aspect_ratio]
     except (KeyError, TypeError):
-        raise ValueError(
+        raise UserError(
             f"unknown aspect ratio {aspect_ratio!r} (names are H:W); valid: {_choices(ASPECT_RATIO_MAP)}"
         ) from None
 
@@ -233,7 +234,7 @@ def _table(resolution: str) -> dict[str, tuple[int, int]]:
     try:
         return RESOLUTIONS[resolution][1]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown resolution {resolution!r}; valid: {_choices(RESOLUTIONS)}") from None
+        raise UserError(f"unknown resolution {resolution!r}; valid: {_choices(RESOLUTIONS)}") from None
 
 
 def num_pixels(resolution: str) -> int:
@@ -247,7 +248,7 @@ def image_size(resolution: str, aspect_ratio: str) -> tuple[int, int]:
     table = _table(resolution)
     key = aspect_ratio_key(aspect_ratio)
     if key not in table:
-        raise ValueError(
+        raise UserError(
             f"aspect ratio {aspect_ratio!r} has no size at resolution {resolution!r}; "
             f"valid there: {_choices(aspect_ratio_names(resolution)) or 'none'}"
         )
@@ -267,11 +268,11 @@ def num_frames(value: str | int) -> int:
         return NUM_FRAMES_MAP[value]
     frames = _parse_int(value)
     if frames is None:
-        raise ValueError(
+        raise UserError(
             f"invalid frame count {value!r}: give a positive integer or one of {_choices(NUM_FRAMES_MAP)}"
         )
     if frames < 1:
-        raise ValueError(f"frame count must be at least 1, got {frames}")
+        raise UserError(f"frame count must be at least 1, got {frames}")
     return frames
 
 

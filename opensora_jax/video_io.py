@@ -24,6 +24,7 @@ import imageio_ffmpeg
 import ml_dtypes
 import numpy as np
 from PIL import Image
+from opensora_jax.errors import UserError
 
 # The reference's extension lists (its datasets/utils.py, and torchvision's IMG_EXTENSIONS).
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
@@ -76,7 +77,7 @@ def read_video(path) -> Video:
         return _read_video_file(path)
     if is_image_path(path):
         return Video(frames=read_image(path)[None], fps=None)
-    raise ValueError(
+    raise UserError(
         f"unsupported file type {_extension(path)!r} for {path!r}; "
         f"videos: {', '.join(VIDEO_EXTENSIONS + ARRAY_VIDEO_EXTENSIONS)}; images: {', '.join(IMAGE_EXTENSIONS)}"
     )
@@ -88,7 +89,7 @@ def read_array_video(path, *, mmap: bool = False) -> np.ndarray:
     path = os.fspath(path)
     frames = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
-        raise ValueError(f"{path!r}: a .npy clip must be a (T, H, W, 3) uint8 array, got {frames.dtype} {frames.shape}")
+        raise UserError(f"{path!r}: a .npy clip must be a (T, H, W, 3) uint8 array, got {frames.dtype} {frames.shape}")
     return frames
 
 
@@ -96,7 +97,7 @@ def write_array_video(frames, path) -> None:
     """Save uint8 frames (T, H, W, 3) losslessly as a .npy clip, atomically (no fps: keep it in the CSV)."""
     frames = _check_frames(frames, "write_array_video")
     if not is_array_video_path(path):
-        raise ValueError(f"{os.fspath(path)!r}: array clips are written as {', '.join(ARRAY_VIDEO_EXTENSIONS)}")
+        raise UserError(f"{os.fspath(path)!r}: array clips are written as {', '.join(ARRAY_VIDEO_EXTENSIONS)}")
 
     def write(tmp):
         with open(tmp, "wb") as f:
@@ -128,7 +129,7 @@ def _read_video_file(path: str) -> Video:
     finally:
         reader.close()
     if not frames:
-        raise ValueError(f"{path!r} holds no video frames")
+        raise UserError(f"{path!r} holds no video frames")
     fps = float(meta["fps"]) or None  # imageio-ffmpeg reports 0 when it cannot tell
     return Video(frames=np.stack(frames), fps=fps)
 
@@ -201,11 +202,11 @@ def write_video(frames, path, fps: float, *, crf: int = DEFAULT_CRF) -> None:
     frames = _check_frames(frames, "write_video")
     _, h, w, _ = frames.shape
     if h % 2 or w % 2:
-        raise ValueError(f"H.264 yuv420p needs even frame sizes, got H×W = {h}×{w}; crop or pad the frames")
+        raise UserError(f"H.264 yuv420p needs even frame sizes, got H×W = {h}×{w}; crop or pad the frames")
     if isinstance(fps, bool) or not (isinstance(fps, numbers.Real) and math.isfinite(fps) and fps > 0):
-        raise ValueError(f"fps must be a positive number, got {fps!r}")
+        raise UserError(f"fps must be a positive number, got {fps!r}")
     if not (isinstance(crf, int) and 0 <= crf <= 51):
-        raise ValueError(f"crf must be an integer in 0..51 (lower is better quality), got {crf!r}")
+        raise UserError(f"crf must be an integer in 0..51 (lower is better quality), got {crf!r}")
     _write_atomically(path, lambda tmp: _encode_mp4(frames, tmp, fps, crf))
 
 

@@ -10,7 +10,7 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 
-from convert import checkpoint as ckpt
+from opensora_jax import checkpoints as ckpt
 from convert.checkpoint import (
     is_converted_dir,
     load_converted,
@@ -20,7 +20,8 @@ from convert.checkpoint import (
     variable_paths,
 )
 from convert.keymap import ConversionError, Rule, Table, convert, plan
-from convert.sources import open_source
+from opensora_jax.errors import CheckpointError
+from opensora_jax.tensor_files import open_source
 from opensora_jax.models.layers import Dense, buffer
 
 N_BLOCKS = 2
@@ -228,7 +229,7 @@ def test_load_flat_into_is_strict():
     flat = expected_flat(reference_state())
     del flat["proj/bias"]
     flat["bogus"] = np.zeros(1)
-    with pytest.raises(ConversionError) as err:
+    with pytest.raises(CheckpointError) as err:
         load_flat_into(Toy(nnx.Rngs(0)), flat)
     assert "missing parameter: proj/bias" in str(err.value)
     assert "unexpected parameter: bogus" in str(err.value)

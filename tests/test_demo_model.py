@@ -17,7 +17,7 @@ MIN_MATCH_RATE = 0.8
 @pytest.fixture(scope="module")
 def demo_pipeline():
     from configs.demo.sample import get_config
-    from opensora_jax.pipeline import Pipeline
+    from opensora_jax.pipelines.opensora_v1_2 import Pipeline
 
     config = get_config()
     return Pipeline.from_checkpoints(stdit3=config.stdit3, vae=config.vae, t5=config.t5, dtype=config.dtype,
@@ -37,7 +37,7 @@ def test_demo_model_is_small_and_complete():
 def test_demo_follows_colour_and_direction_of_prompts(demo_pipeline):
     """Every colour × shape × direction prompt, two seeds: the dominant colour and the centroid's travel
     read off the frames must both match the prompt in at least 80% of the clips."""
-    from opensora_jax import shape_metrics
+    from opensora_jax.tools import shape_metrics
 
     judgements = shape_metrics.evaluate(demo_pipeline, seeds=(0, 1))
     s = shape_metrics.summary(judgements)
@@ -50,7 +50,8 @@ def test_demo_follows_colour_and_direction_of_prompts(demo_pipeline):
 def test_readme_command_writes_a_matching_video_and_frame_grid(tmp_path):
     """`python sample.py --prompt "a blue square moving up"` with no checkpoint flags (the README's run
     command) writes an MP4, its frame grid and a sidecar; the clip is blue and moves up."""
-    from opensora_jax import shape_metrics, video_io
+    from opensora_jax import video_io
+    from opensora_jax.tools import shape_metrics
 
     out = tmp_path / "samples"
     run = subprocess.run([sys.executable, "sample.py", "--prompt", "a blue square moving up", "--out-dir", str(out),

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opensora_jax import tiny_t5
+from opensora_jax.tools import tiny_t5
 from opensora_jax.data.synthetic import make_dataset
 
 
@@ -19,7 +19,7 @@ def captions_csv(tmp_path_factory):
 
 
 def test_tiny_t5_directory_encodes_the_captions(captions_csv, tmp_path):
-    from opensora_jax.text import TextEncoder
+    from opensora_jax.text.t5 import TextEncoder
 
     out = tiny_t5.make_text_encoder(captions_csv, tmp_path / "t5", d_model=32, num_layers=1, num_heads=4, d_ff=64)
     meta = json.loads((out / "config.json").read_text())
@@ -48,7 +48,7 @@ def test_latent_stats_normalise_the_latents(captions_csv, tmp_path):
     from convert.checkpoint import save_converted
     from convert.registry import load_model
     from opensora_jax.models.vae.opensora_v1_2 import build, encode_jit
-    from opensora_jax.training import latent_stats
+    from opensora_jax.tools import latent_stats
     from tests.tiny import VAE_CONFIG
 
     from flax import nnx
@@ -68,7 +68,7 @@ def test_latent_stats_normalise_the_latents(captions_csv, tmp_path):
 
 
 def test_sample_cli_picks_the_demo_model_only_without_checkpoints():
-    import sample
+    from opensora_jax.cli import sample
 
     assert sample.uses_demo(["--prompt", "a blue square moving up"])
     assert sample.uses_demo(["--prompt", "x", "--steps", "4", "--config.seed=3"])
@@ -83,7 +83,7 @@ def test_sample_cli_picks_the_demo_model_only_without_checkpoints():
 
 def test_shape_metrics_read_colour_and_motion_off_rendered_clips():
     """The judge is right on every ground-truth clip of the grid, and says None for empty or still clips."""
-    from opensora_jax import shape_metrics as sm
+    from opensora_jax.tools import shape_metrics as sm
     from opensora_jax.data.synthetic import render_clip
 
     grid = sm.prompt_grid()
@@ -105,7 +105,7 @@ def test_shape_metrics_read_colour_and_motion_off_rendered_clips():
 
 
 def test_sample_cli_without_checkpoints_names_the_missing_demo_model(tmp_path, monkeypatch, capsys):
-    import sample
+    from opensora_jax.cli import sample
     from opensora_jax.config_utils import run_cli
 
     config = tmp_path / "demo_config.py"
@@ -125,7 +125,7 @@ def test_standardizing_2d_latents_is_exact():
 
     from opensora_jax.models.vae.opensora_v1_2 import build
     from opensora_jax.models.vae.spatial import decode_frames, encode_frames
-    from opensora_jax.training import latent_stats
+    from opensora_jax.tools import latent_stats
     from tests.tiny import VAE_CONFIG
 
     vae = build(VAE_CONFIG, rngs=nnx.Rngs(5))

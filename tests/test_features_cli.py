@@ -1,4 +1,4 @@
-"""`python -m opensora_jax.data.features`: one epoch of the training loader encoded to disk, read back by
+"""`python -m opensora_jax.cli.features`: one epoch of the training loader encoded to disk, read back by
 FeatureLoader as exactly what train.py would have encoded on the fly, and trained from."""
 
 import json
@@ -10,9 +10,11 @@ import pytest
 
 from configs.demo.train_tiny import get_config
 from opensora_jax.config_utils import run_cli
-from opensora_jax.data.features import FeatureLoader, load_shard, main, read_index
+from opensora_jax.cli.features import main
+from opensora_jax.data.features import FeatureLoader, load_shard, read_index
 from opensora_jax.data.synthetic import make_dataset
-from opensora_jax.training.loop import BatchEncoder, make_video_loader, train
+from opensora_jax.data.loader import make_video_loader
+from opensora_jax.training.loop import BatchEncoder, train
 from tests.tiny import STDIT3_CONFIG
 
 SEED = 3
@@ -48,8 +50,8 @@ def written(setup):
 
 def test_features_are_what_training_encodes_on_the_fly(setup, written, capsys):
     from convert.registry import load_model
-    from opensora_jax.pipeline import default_tokenizer_dir
-    from opensora_jax.text import TextEncoder
+    from opensora_jax.text.tokenizer import default_tokenizer_dir
+    from opensora_jax.text.t5 import TextEncoder
 
     _, ckpts, csv = setup
     index = json.loads((written / "shard.index.json").read_text())
@@ -113,7 +115,7 @@ def test_user_errors(setup, tmp_path, capsys):
 
 
 def test_help_runs_as_a_module():
-    proc = subprocess.run([sys.executable, "-m", "opensora_jax.data.features", "--help"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "opensora_jax.cli.features", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     for flag in ("--csv", "--vae", "--t5", "--tokenizer", "--bucket-config", "--resolutions", "--model-max-length",

@@ -64,7 +64,7 @@ def t5_dirs(tmp_path_factory):
 
 
 def _t5_encode(t5_dirs, mesh=None):
-    from opensora_jax.text import TextEncoder
+    from opensora_jax.text.t5 import TextEncoder
 
     encoder = TextEncoder.from_pretrained(*t5_dirs, model_max_length=MAX_LENGTH, mesh=mesh)
     if mesh is None:

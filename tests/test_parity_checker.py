@@ -5,7 +5,7 @@ import re
 import subprocess
 import sys
 
-from opensora_jax.parity.core import find_handler, relative_error, run_case
+from opensora_jax.tools.parity.core import find_handler, relative_error, run_case
 
 LINE = re.compile(r"^(PASS|FAIL) (\S+) (\S+) worst=(\S+) tol=(\S+)")
 
@@ -18,7 +18,7 @@ def test_every_v1_2_component_has_a_handler(fixtures_dir):
 
 def test_cli_lines_summary_and_exit_status(fixtures_dir):
     cases = [fixtures_dir / "opensora_v1_2" / "t5_tiny", fixtures_dir / "opensora_v2_0" / "clip_text_tiny"]
-    done = subprocess.run([sys.executable, "-m", "opensora_jax.parity", *map(str, cases)],
+    done = subprocess.run([sys.executable, "-m", "opensora_jax.tools.parity", *map(str, cases)],
                           capture_output=True, text=True, timeout=600)
     lines = done.stdout.strip().splitlines()
     assert LINE.match(lines[0]) and lines[0].startswith("PASS t5_tiny t5 ")
@@ -28,7 +28,7 @@ def test_cli_lines_summary_and_exit_status(fixtures_dir):
 
 
 def test_a_wrong_answer_fails(fixtures_dir, tmp_path, monkeypatch):
-    import opensora_jax.parity.t5 as handler
+    import opensora_jax.tools.parity.t5 as handler
 
     real = handler.run
     monkeypatch.setattr(handler, "run", lambda case: {k: v * 1.001 for k, v in real(case).items()})

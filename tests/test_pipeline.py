@@ -66,7 +66,7 @@ def test_missing_checkpoint_is_named(ckpts, tmp_path):
 
 def test_generation_on_a_mesh_equals_one_device(ckpts):
     """Parameters placed on a data×sequence mesh give the same frames (±1 level) as one device."""
-    from opensora_jax.pipeline import Pipeline
+    from opensora_jax.pipelines.opensora_v1_2 import Pipeline
 
     kw = dict(stdit3=ckpts["stdit3"], vae=ckpts["vae"], t5=ckpts["t5"], dtype="float32",
               scheduler=dict(num_sampling_steps=2))
@@ -79,7 +79,7 @@ def test_generation_on_a_mesh_equals_one_device(ckpts):
 
 @pytest.fixture(scope="module")
 def pipeline(ckpts):
-    from opensora_jax.pipeline import Pipeline
+    from opensora_jax.pipelines.opensora_v1_2 import Pipeline
 
     return Pipeline.from_checkpoints(stdit3=ckpts["stdit3"], vae=ckpts["vae"], t5=ckpts["t5"], dtype="float32",
                                      scheduler=dict(num_sampling_steps=2))
@@ -100,7 +100,7 @@ def test_image_to_video_keeps_the_first_frame(pipeline, tmp_path):
     import jax
     import jax.numpy as jnp
 
-    from opensora_jax.conditioning import load_reference
+    from opensora_jax.conditioning.references import load_reference
     from opensora_jax.models.vae.opensora_v1_2 import encode_jit
 
     image = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)

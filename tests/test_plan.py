@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from opensora_jax import plan, plan_table
+from opensora_jax.tools import plan, plan_cli, plan_table
 from opensora_jax.models.stdit3 import STDiT3Config
 
 # Heads (8) and S = (18/2)·(32/2) = 144 tokens divide every mesh below; 144p 9:16 is 144×256 pixels.
@@ -106,14 +106,14 @@ def test_bad_specs_fail_clearly(kwargs, message):
 )
 def test_cli_errors_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        plan.main(argv)
+        plan_cli.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
 
 def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit):
-        plan.main(["--help"])
+        plan_cli.main(["--help"])
     text = capsys.readouterr().out
     for flag in ("--model", "--resolution", "--aspect-ratio", "--num-frames", "--mesh", "--train", "--batch",
                  "--dtype", "--devices", "--steps", "--json", "--table", "--table-modes", "--table-resolutions",

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from opensora_jax.models.stdit3 import STDiT3, STDiT3Config
-from opensora_jax.parity.core import run_case
+from opensora_jax.tools.parity.core import run_case
 from opensora_jax.schedulers import rflow
 from opensora_jax.schedulers.rflow import RFlowSampler, timestep_transform
 

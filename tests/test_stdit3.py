@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from opensora_jax.models.stdit3 import STDiT3, STDiT3Config, preset
-from opensora_jax.parity.core import run_case
+from opensora_jax.tools.parity.core import run_case
 
 TINY = dict(depth=2, hidden_size=64, num_heads=4, caption_channels=32, model_max_length=16)
 

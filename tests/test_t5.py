@@ -101,8 +101,8 @@ def test_relative_buckets_match_transformers():
 
 
 def test_public_fixture_passes(fixtures_dir):
-    from opensora_jax.parity.core import load_case, relative_error, run_case
-    from opensora_jax.parity.t5 import run
+    from opensora_jax.tools.parity.core import load_case, relative_error, run_case
+    from opensora_jax.tools.parity.t5 import run
 
     case_dir = fixtures_dir / "opensora_v1_2" / "t5_tiny"
     result = run_case(case_dir)

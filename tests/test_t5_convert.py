@@ -187,8 +187,8 @@ def test_cli_copies_the_tokenizer_into_the_converted_directory(fixtures_dir, tmp
     import subprocess
     import sys
 
-    from opensora_jax.pipeline import default_tokenizer_dir
-    from opensora_jax.text import load_tokenizer
+    from opensora_jax.text.tokenizer import default_tokenizer_dir
+    from opensora_jax.text.tokenizer import load_tokenizer
     from tests.tiny import write_spiece
 
     src = tmp_path / "src"

@@ -9,8 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opensora_jax import captions
-from opensora_jax.text import TextEncoder, TruncationWarning, load_tokenizer, tokenize
+import convert
+from opensora_jax.errors import UserError
+from opensora_jax.text import captions
+from opensora_jax.text.t5 import TextEncoder
+from opensora_jax.text.tokenizer import TruncationWarning, load_tokenizer, tokenize
 
 # (rule, input, output of that rule alone)
 RULE_CASES = [
@@ -213,7 +216,10 @@ def test_text_encoder_matches_transformers(spiece_dir, tmp_path):
     save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
 
-    encoder = TextEncoder.from_pretrained(spiece_dir, tmp_path, model_max_length=48)
+    # Reference (transformers) weights: the library reads converted directories; convert.load_model both.
+    with pytest.raises(UserError, match="not a converted checkpoint.*python -m convert"):
+        TextEncoder.from_pretrained(spiece_dir, tmp_path, model_max_length=48)
+    encoder = TextEncoder.from_pretrained(spiece_dir, tmp_path, model_max_length=48, load=convert.load_model)
     prompts = ["A cat sitting on a mat.", "aerial view of a city at night"]
     out = encoder.encode(prompts, preprocess=True)
     assert 0 < int(out["mask"].sum()) < out["mask"].size  # padded

@@ -279,7 +279,7 @@ def test_converter_reports_bad_checkpoint(fixtures_dir):
     "case", ["vae_v1_2_tiny_chunked", pytest.param("vae_v1_2_tiny", marks=pytest.mark.slow)]
 )
 def test_parity_fixture(fixtures_dir, case):
-    from opensora_jax.parity.core import run_case
+    from opensora_jax.tools.parity.core import run_case
 
     result = run_case(fixtures_dir / "opensora_v1_2" / case)
     assert result.passed, result.line()

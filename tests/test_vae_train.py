@@ -12,6 +12,7 @@ from flax import nnx
 
 from configs.demo.vae_tiny import get_config
 from opensora_jax.data.synthetic import make_dataset, render_clip
+from opensora_jax.errors import UserError
 from opensora_jax.models.vae.opensora_v1_2 import OpenSoraVAEConfig
 from opensora_jax.training import vae_losses as vl
 from opensora_jax.training import vae_train as vt
@@ -338,7 +339,9 @@ def test_spatial_weights_from_a_diffusers_checkpoint(tmp_path):
         tensors[rule.source.removeprefix("spatial_vae.module.")] = np.ascontiguousarray(v)
     save_file(tensors, str(tmp_path / "diffusion_pytorch_model.safetensors"))
     c = _config(vae_2d_pretrained=str(tmp_path / "diffusion_pytorch_model.safetensors"))
-    vae = vt.build_vae(c)
+    with pytest.raises(UserError, match="load_spatial_weights"):  # the library core does not read them itself
+        vt.build_vae(c)
+    vae = vt.build_vae(c, load_spatial=vae_v1_2.load_spatial_weights)  # as train_vae.py passes it
     got = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(vae))}
     for k, v in values.items():
         if k.startswith("spatial/"):

@@ -30,14 +30,14 @@ $PY -m opensora_jax.data.synthetic "$RUN/heldout" --num-clips 64 --frames 20 --s
     --format npy
 
 stamp "2/9 tokenizer (SentencePiece on the captions) + random T5 encoder"
-$PY -m opensora_jax.tiny_t5 --csv "$RUN/data/train.csv" "$RUN/t5" --seed "$SEED" --overwrite
+$PY -m opensora_jax.tools.tiny_t5 --csv "$RUN/data/train.csv" "$RUN/t5" --seed "$SEED" --overwrite
 
 stamp "3/9 VAE stage 0: the 2D VAE as an image autoencoder"
 $PY train_vae.py --config configs/demo/vae_tiny_2d.py --csv "$RUN/data/train.csv" --seed "$SEED" \
     --eval-csv "$RUN/heldout/train.csv" --out-dir "$RUN/vae_2d"
 
 stamp "4/9 standardise the 2D latents (exact reparametrisation)"
-$PY -m opensora_jax.training.latent_stats --spatial --vae "$RUN/vae_2d/vae_model" --csv "$RUN/data/train.csv" \
+$PY -m opensora_jax.tools.latent_stats --spatial --vae "$RUN/vae_2d/vae_model" --csv "$RUN/data/train.csv" \
     --frames 17 --size 32 32 --max-batches 16 --overwrite "$RUN/vae_2d_std"
 
 stamp "5/9 VAE stage 1: the temporal VAE on the frozen 2D VAE"
@@ -45,11 +45,11 @@ $PY train_vae.py --config configs/demo/vae_tiny.py --csv "$RUN/data/train.csv" -
     --eval-csv "$RUN/heldout/train.csv" --config.from_pretrained="$RUN/vae_2d_std" --out-dir "$RUN/vae_temporal"
 
 stamp "6/9 latent statistics → the VAE's shift/scale"
-$PY -m opensora_jax.training.latent_stats --vae "$RUN/vae_temporal/vae_model" --csv "$RUN/data/train.csv" \
+$PY -m opensora_jax.tools.latent_stats --vae "$RUN/vae_temporal/vae_model" --csv "$RUN/data/train.csv" \
     --frames 17 --size 32 32 --overwrite "$RUN/vae"
 
 stamp "7/9 features: VAE latents + T5 embeddings of one epoch"
-$PY -m opensora_jax.data.features --csv "$RUN/data/train.csv" --vae "$RUN/vae" --t5 "$RUN/t5" \
+$PY -m opensora_jax.cli.features --csv "$RUN/data/train.csv" --vae "$RUN/vae" --t5 "$RUN/t5" \
     --bucket-config demo --resolutions synthetic --model-max-length 16 --dtype float32 --seed "$SEED" \
     --overwrite "$RUN/features"
 
@@ -62,4 +62,4 @@ cp -r "$RUN/stdit3/ema_model" "$RUN/model/stdit3"
 cp -r "$RUN/vae" "$RUN/model/vae"
 cp -r "$RUN/t5" "$RUN/model/t5"
 stamp "trained in $(( $(date +%s) - START )) s"
-$PY -m opensora_jax.shape_metrics --model-dir "$RUN/model" --seeds 2 | tail -1
+$PY -m opensora_jax.tools.shape_metrics --model-dir "$RUN/model" --seeds 2 | tail -1

@@ -1,5 +1,5 @@
 """Demo VAE, step 2 of 2: the tiny temporal VAE trained on top of the frozen tiny 2D VAE of step 1
-(configs/demo/vae_tiny_2d.py, its latents standardised by `python -m opensora_jax.training.latent_stats
+(configs/demo/vae_tiny_2d.py, its latents standardised by `python -m opensora_jax.tools.latent_stats
 --spatial`) — the reference's VAE stage 1 (z-space reconstruction + image identity loss,
 mixed_video_image 0.2), with our 2D VAE in place of the SDXL one and an L2 z-space loss.
 

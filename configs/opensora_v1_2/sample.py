@@ -5,6 +5,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.family = "opensora_v1_2"  # which pipeline (opensora_jax.families)
     # What to generate.
     c.prompts = ml_collections.FieldReference([], field_type=list)
     c.prompt_file = ""

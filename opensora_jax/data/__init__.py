@@ -7,22 +7,15 @@ bucket_configs STAGE1/2/3 of v1.2, and a tiny config for the synthetic data
 loader        VideoLoader: batches of one bucket shape each, checkpointable iterator state
 features      write_features, FeatureLoader: stored latents + text embeddings
 synthetic     make_dataset (and `python -m opensora_jax.data.synthetic`): moving-shape clips
+
+The loader also builds VideoLoaders from bucket-config names (`make_video_loader`).
 """
 
 from opensora_jax.data.buckets import BucketKey, Buckets, EpochPlan, PlannedBatch, plan_epoch
 from opensora_jax.data.csv_dataset import CsvDataset, Sample
+from opensora_jax.data.features import FeatureLoader, write_features
 from opensora_jax.data.loader import EpochIterator, VideoLoader
 from opensora_jax.data.video import load_sample, temporal_crop_indices
-
-
-def __getattr__(name):
-    # features is imported on first use, so `python -m opensora_jax.data.features` runs without runpy's
-    # "found in sys.modules" warning.
-    if name in ("FeatureLoader", "write_features"):
-        from opensora_jax.data import features
-
-        return getattr(features, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "BucketKey",

@@ -36,6 +36,7 @@ from typing import NamedTuple
 import numpy as np
 
 from opensora_jax.presets import RESOLUTIONS
+from opensora_jax.errors import UserError
 
 # A sample is kept at a resolution when it has at least this fraction of the resolution's pixel budget.
 MIN_PIXEL_FRACTION = 0.8
@@ -70,7 +71,7 @@ def _probabilities(value, where: str) -> tuple[float, float | None]:
     """keep_prob → (p_res, p_T or None)."""
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
-            raise ValueError(f"{where}: keep_prob must be a number or a pair (p_res, p_T), got {value!r}")
+            raise UserError(f"{where}: keep_prob must be a number or a pair (p_res, p_T), got {value!r}")
         p_res, p_t = (_probability(v, where) for v in value)
         return p_res, p_t
     return _probability(value, where), None
@@ -78,7 +79,7 @@ def _probabilities(value, where: str) -> tuple[float, float | None]:
 
 def _probability(value, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
-        raise ValueError(f"{where}: a keep probability must be a number in [0, 1], got {value!r}")
+        raise UserError(f"{where}: a keep probability must be a number in [0, 1], got {value!r}")
     return float(value)
 
 
@@ -88,13 +89,13 @@ class Buckets:
     def __init__(self, bucket_config: Mapping, *, frame_interval: int = 1, resolutions: ResolutionTable | None = None):
         self.resolutions_table = RESOLUTIONS if resolutions is None else resolutions
         if not isinstance(frame_interval, int) or frame_interval < 1:
-            raise ValueError(f"frame_interval must be a positive integer, got {frame_interval!r}")
+            raise UserError(f"frame_interval must be a positive integer, got {frame_interval!r}")
         self.frame_interval = frame_interval
         if not bucket_config:
-            raise ValueError("bucket_config is empty")
+            raise UserError("bucket_config is empty")
         for res in bucket_config:
             if res not in self.resolutions_table:
-                raise ValueError(
+                raise UserError(
                     f"bucket_config: unknown resolution {res!r}; valid: {', '.join(self.resolutions_table)}"
                 )
         # Trial order: pixel budget descending (ties keep the config's order), then T descending.
@@ -106,22 +107,22 @@ class Buckets:
         for res in self.resolutions:
             entries = bucket_config[res]
             if not entries:
-                raise ValueError(f"bucket_config[{res!r}] has no frame buckets")
+                raise UserError(f"bucket_config[{res!r}] has no frame buckets")
             self._probs[res] = {}
             for t in sorted(entries, reverse=True):
                 where = f"bucket_config[{res!r}][{t!r}]"
                 if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 1:
-                    raise ValueError(f"{where}: frame counts must be positive integers")
+                    raise UserError(f"{where}: frame counts must be positive integers")
                 value = entries[t]
                 if not isinstance(value, (tuple, list)) or len(value) != 2:
-                    raise ValueError(f"{where}: expected (keep_prob, batch_size), got {value!r}")
+                    raise UserError(f"{where}: expected (keep_prob, batch_size), got {value!r}")
                 probs = _probabilities(value[0], where)
                 bs = value[1]
                 if bs is None:
                     if probs[0] != 0:
-                        raise ValueError(f"{where}: batch_size None is only allowed with keep probability 0")
+                        raise UserError(f"{where}: batch_size None is only allowed with keep probability 0")
                 elif isinstance(bs, bool) or not isinstance(bs, numbers.Integral) or bs < 1:
-                    raise ValueError(f"{where}: batch_size must be a positive integer, got {bs!r}")
+                    raise UserError(f"{where}: batch_size must be a positive integer, got {bs!r}")
                 t = int(t)
                 self._probs[res][t] = probs
                 self._batch_sizes[(res, t)] = None if bs is None else int(bs)
@@ -212,9 +213,9 @@ def plan_epoch(
         the same step, so this suits independent per-process work such as feature extraction.
     """
     if shard not in SHARD_MODES:
-        raise ValueError(f"shard must be one of {SHARD_MODES}, got {shard!r}")
+        raise UserError(f"shard must be one of {SHARD_MODES}, got {shard!r}")
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count})")
+        raise UserError(f"process_index {process_index} is not in [0, process_count={process_count})")
     rng = np.random.default_rng(seed + epoch)
     per_global_batch = process_count if shard == "rows" else 1
     members: dict[BucketKey, list[int]] = {}

@@ -24,6 +24,8 @@ import os
 from collections.abc import Mapping
 
 from opensora_jax import video_io
+from opensora_jax.data.video import probe
+from opensora_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +102,7 @@ class CsvDataset:
         self._check_files = check_files
         self._probe = probe
         if not self.csv_path.endswith(".csv"):
-            raise ValueError(f"unsupported dataset file {self.csv_path!r}: only .csv is supported")
+            raise UserError(f"unsupported dataset file {self.csv_path!r}: only .csv is supported")
         if not os.path.isfile(self.csv_path):
             raise FileNotFoundError(f"no such dataset CSV: {self.csv_path!r}")
         with open(self.csv_path, newline="", encoding="utf-8") as f:
@@ -108,7 +110,7 @@ class CsvDataset:
             columns = reader.fieldnames or []
             missing = [c for c in REQUIRED_COLUMNS if c not in columns]
             if missing:
-                raise ValueError(
+                raise UserError(
                     f"{self.csv_path!r} lacks the required column(s) {', '.join(missing)}; "
                     f"its header is {', '.join(columns) or '(empty)'}"
                 )
@@ -162,8 +164,6 @@ class CsvDataset:
             if not self._probe:
                 self.bad.report(BAD_METADATA, path, f"{where}: num_frames, height and width are required")
                 return None
-            from opensora_jax.data.video import probe  # here: video.py imports this module
-
             try:
                 info = probe(path)
             except FileNotFoundError as e:

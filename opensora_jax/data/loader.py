@@ -30,10 +30,11 @@ from collections.abc import Callable, Mapping
 import grain
 import numpy as np
 
-from opensora_jax.data import csv_dataset
+from opensora_jax.data import bucket_configs, csv_dataset
 from opensora_jax.data.buckets import BucketKey, Buckets, EpochPlan, PlannedBatch, plan_epoch
 from opensora_jax.data.csv_dataset import BadDataLog, CsvDataset, Sample
 from opensora_jax.data.video import TooShortError, load_sample, sample_rng
+from opensora_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class EpochIterator:
     def _open(self, epoch: int, start: int):
         ds = self._make_dataset(epoch)
         if len(ds) == 0:
-            raise ValueError(
+            raise UserError(
                 f"epoch {epoch} has no batches: too few samples for any bucket's batch size "
                 f"(settings: {self._fingerprint})"
             )
@@ -149,10 +150,10 @@ class EpochIterator:
 
     def set_state(self, state: Mapping) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported iterator state version {state.get('version')!r} (want {STATE_VERSION})")
+            raise UserError(f"unsupported iterator state version {state.get('version')!r} (want {STATE_VERSION})")
         for key, value in self._fingerprint.items():
             if _jsonish(state.get(key)) != _jsonish(value):
-                raise ValueError(
+                raise UserError(
                     f"iterator state was saved with {key}={state.get(key)!r}, this iterator has {key}={value!r}"
                 )
         self.close()
@@ -362,3 +363,25 @@ class VideoLoader:
                 extra.get("bad_files", {}), extra.get("substitutions", 0)
             ),
         )
+
+
+def make_video_loader(csv, bucket_config, *, resolutions=None, seed: int = 0, frame_interval: int = 1,
+                      num_workers: int = 0, num_epochs: int | None = None):
+    """A VideoLoader of a CSV; bucket_config is a name of `bucket_configs.NAMED_BUCKET_CONFIGS` or a dict,
+    resolutions a name of `NAMED_RESOLUTION_TABLES` (or empty). Shared by train.py and the feature writer."""
+    buckets = bucket_config
+    if isinstance(buckets, str):
+        if buckets not in bucket_configs.NAMED_BUCKET_CONFIGS:
+            raise UserError(f"bucket_config {buckets!r} unknown; names: {sorted(bucket_configs.NAMED_BUCKET_CONFIGS)}")
+        buckets = bucket_configs.NAMED_BUCKET_CONFIGS[buckets]
+    else:
+        # JSON round trips (config.json, --config overrides) turn frame-count keys into strings.
+        buckets = {res: {int(t): tuple(v) if isinstance(v, list) else v for t, v in per_t.items()}
+                   for res, per_t in dict(buckets).items()}
+    table = None
+    if resolutions:
+        if resolutions not in bucket_configs.NAMED_RESOLUTION_TABLES:
+            raise UserError(f"resolutions {resolutions!r} unknown; names: {sorted(bucket_configs.NAMED_RESOLUTION_TABLES)}")
+        table = bucket_configs.NAMED_RESOLUTION_TABLES[resolutions]
+    return VideoLoader(csv, buckets, seed=seed, frame_interval=frame_interval, num_workers=num_workers,
+                       resolutions=table, num_epochs=num_epochs)

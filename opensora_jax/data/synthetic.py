@@ -20,6 +20,7 @@ import sys
 import numpy as np
 
 from opensora_jax import video_io
+from opensora_jax.errors import UserError
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
@@ -55,7 +56,7 @@ def shape_mask(shape: str, height: int, width: int, cy: float, cx: float, radius
         return (np.abs(dy) <= half) & (np.abs(dx) <= half)
     if shape == "triangle":  # apex up, base at the bottom as wide as the height
         return (dy >= -radius) & (dy <= radius) & (np.abs(dx) <= (dy + radius) / 2)
-    raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
+    raise UserError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
 
 
 def render_clip(
@@ -63,9 +64,9 @@ def render_clip(
 ) -> np.ndarray:
     """uint8 frames (T, H, W, 3): the shape travels in `direction` across most of the frame at constant speed."""
     if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
+        raise UserError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
     if colour not in COLOURS:
-        raise ValueError(f"unknown colour {colour!r}; valid: {', '.join(COLOURS)}")
+        raise UserError(f"unknown colour {colour!r}; valid: {', '.join(COLOURS)}")
     radius = rng.uniform(0.12, 0.2) * min(height, width)
     dy, dx = DIRECTIONS[direction]
     # Along the motion axis: from near one edge to near the other; across it: a random fixed position.
@@ -92,13 +93,13 @@ def make_dataset(
     """
     height, width = size
     if num_clips < 1 or frames < 1:
-        raise ValueError(f"need --num-clips ≥ 1 and --frames ≥ 1, got {num_clips} and {frames}")
+        raise UserError(f"need --num-clips ≥ 1 and --frames ≥ 1, got {num_clips} and {frames}")
     if height < 8 or width < 8 or height % 2 or width % 2:
-        raise ValueError(f"--size H W must be even and at least 8 (H.264 yuv420p), got {height} {width}")
+        raise UserError(f"--size H W must be even and at least 8 (H.264 yuv420p), got {height} {width}")
     if not 0.0 <= short_caption_ratio <= 1.0:
-        raise ValueError(f"--short-caption-ratio must lie in [0, 1], got {short_caption_ratio}")
+        raise UserError(f"--short-caption-ratio must lie in [0, 1], got {short_caption_ratio}")
     if format not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     out = pathlib.Path(out_dir)
     (out / "clips").mkdir(parents=True, exist_ok=True)
     rows = []

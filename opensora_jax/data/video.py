@@ -16,8 +16,9 @@ import numpy as np
 from PIL import Image
 
 from opensora_jax import video_io
-from opensora_jax.conditioning import resize_crop_image, resize_crop_video
+from opensora_jax.frames import resize_crop_image, resize_crop_video, uint8_to_unit, unit_to_signed
 from opensora_jax.presets import DEFAULT_FPS, IMG_FPS
+from opensora_jax.errors import UserError
 
 
 class TooShortError(ValueError):
@@ -55,11 +56,6 @@ def temporal_random_crop(
     return frames[temporal_crop_indices(len(frames), num_frames, frame_interval, rng)]
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-    """[0, 1] → [-1, 1] (the reference's Normalize(mean=0.5, std=0.5))."""
-    return (x - np.float32(0.5)) / np.float32(0.5)
-
-
 def load_sample(
     path,
     num_frames: int,
@@ -79,14 +75,14 @@ def load_sample(
     path = os.fspath(path)
     if video_io.is_image_path(path):
         if num_frames != 1:
-            raise ValueError(f"{path!r} is an image but its bucket has {num_frames} frames")
+            raise UserError(f"{path!r} is an image but its bucket has {num_frames} frames")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such file: {path!r}")
         image = resize_crop_image(video_io.read_image(path), size)
-        return _normalize(image.astype(np.float32) / np.float32(255))[None], float(IMG_FPS)
+        return unit_to_signed(uint8_to_unit(image))[None], float(IMG_FPS)
     video = video_io.read_video(path)
     frames = temporal_random_crop(video.frames, num_frames, frame_interval, rng)
-    out = _normalize(resize_crop_video(frames.astype(np.float32) / np.float32(255), size))
+    out = unit_to_signed(resize_crop_video(uint8_to_unit(frames), size))
     native = video.fps or fallback_fps or DEFAULT_FPS
     return np.ascontiguousarray(out, dtype=np.float32), float(native // frame_interval)
 
@@ -112,7 +108,7 @@ def probe(path) -> ProbeInfo:
         t, h, w, _ = video_io.read_array_video(path, mmap=True).shape
         return ProbeInfo(int(t), int(h), int(w), None)
     if not video_io.is_video_path(path):
-        raise ValueError(f"unsupported file type {os.path.splitext(path)[1]!r} for {path!r}")
+        raise UserError(f"unsupported file type {os.path.splitext(path)[1]!r} for {path!r}")
     reader = imageio_ffmpeg.read_frames(path)
     try:
         meta = next(reader)
@@ -120,6 +116,6 @@ def probe(path) -> ProbeInfo:
         reader.close()
     frames, _ = imageio_ffmpeg.count_frames_and_secs(path)
     if frames < 1:
-        raise ValueError(f"{path!r} holds no video frames")
+        raise UserError(f"{path!r} holds no video frames")
     w, h = meta["size"]
     return ProbeInfo(int(frames), int(h), int(w), float(meta["fps"]) or None)

@@ -33,6 +33,7 @@ from opensora_jax.models.layers import (
     sinusoidal_embedding,
 )
 from opensora_jax.parallel import constrain
+from opensora_jax.errors import UserError
 
 # Reference kwargs that only pick kernels or distribution strategy; they do not change the math.
 _KERNEL_ONLY_FIELDS = ("enable_flash_attn", "enable_layernorm_kernel", "enable_sequence_parallelism")
@@ -75,15 +76,15 @@ class STDiT3Config:
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise UserError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim {self.head_dim} must be even for the interleaved rotary embedding")
+            raise UserError(f"head_dim {self.head_dim} must be even for the interleaved rotary embedding")
         if self.hidden_size % 4:
-            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 4 (2D sin-cos position embedding)")
+            raise UserError(f"hidden_size {self.hidden_size} must be divisible by 4 (2D sin-cos position embedding)")
         if len(self.patch_size) != 3:
-            raise ValueError(f"patch_size must have 3 entries (t, h, w), got {self.patch_size}")
+            raise UserError(f"patch_size must have 3 entries (t, h, w), got {self.patch_size}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attention {self.attention!r} unknown; choose one of {ATTENTION_IMPLEMENTATIONS}")
+            raise UserError(f"attention {self.attention!r} unknown; choose one of {ATTENTION_IMPLEMENTATIONS}")
 
     @property
     def head_dim(self) -> int:
@@ -114,7 +115,7 @@ class STDiT3Config:
                 continue
             kwargs[key] = tuple(value) if isinstance(value, list) else value
         if unknown:
-            raise ValueError(f"unknown STDiT3 config keys: {sorted(unknown)}")
+            raise UserError(f"unknown STDiT3 config keys: {sorted(unknown)}")
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,7 +131,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 def preset(name: str, **overrides) -> STDiT3Config:
     """The reference's registered sizes (`STDiT3-XL/2`, `STDiT3-3B/2`) with optional overrides."""
     if name not in PRESETS:
-        raise ValueError(f"unknown STDiT3 preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise UserError(f"unknown STDiT3 preset {name!r}; choose one of {sorted(PRESETS)}")
     return STDiT3Config(**{**PRESETS[name], **overrides})
 
 

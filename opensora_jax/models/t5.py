@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from opensora_jax.models.layers import Dense, param
+from opensora_jax.errors import UserError
 
 # transformers' T5Config defaults, used for keys a config.json leaves out.
 _HF_DEFAULTS = {
@@ -80,7 +81,7 @@ class T5Config:
     def __post_init__(self):
         parts = self.feed_forward_proj.split("-")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
-            raise ValueError(
+            raise UserError(
                 f"feed_forward_proj {self.feed_forward_proj!r} is not of the form 'ACT' or 'gated-ACT'"
             )
         if self.dense_act_fn is None:
@@ -89,13 +90,13 @@ class T5Config:
         if self.is_gated_act is None:
             object.__setattr__(self, "is_gated_act", parts[0] == "gated")
         if self.dense_act_fn not in _ACTIVATIONS:
-            raise ValueError(f"unsupported T5 activation {self.dense_act_fn!r}; known: {sorted(_ACTIVATIONS)}")
+            raise UserError(f"unsupported T5 activation {self.dense_act_fn!r}; known: {sorted(_ACTIVATIONS)}")
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"T5Config.{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"T5Config.{name} must be >= 1, got {getattr(self, name)}")
         exact = self.relative_attention_num_buckets // 4
         if exact < 1 or self.relative_attention_max_distance <= exact:
-            raise ValueError(
+            raise UserError(
                 "relative position buckets need num_buckets >= 4 and max_distance > num_buckets // 4, got "
                 f"num_buckets={self.relative_attention_num_buckets}, "
                 f"max_distance={self.relative_attention_max_distance}"
@@ -114,7 +115,7 @@ class T5Config:
         """
         model_type = config.get("model_type", "t5")
         if model_type != "t5":
-            raise ValueError(f"not a T5 config: model_type is {model_type!r} (expected 't5')")
+            raise UserError(f"not a T5 config: model_type is {model_type!r} (expected 't5')")
         values = {k: config.get(k, v) for k, v in _HF_DEFAULTS.items()}
         for k in ("dense_act_fn", "is_gated_act"):
             if config.get(k) is not None:

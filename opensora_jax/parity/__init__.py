@@ -1,9 +1,4 @@
-"""Parity checker: runs reference fixture cases (see ../shared/fixtures/README.md) on the JAX port.
+"""`python -m opensora_jax.parity CASE_DIR ...`: the fixtures' documented command for the parity checker.
 
-`python -m opensora_jax.parity CASE_DIR [CASE_DIR ...]` prints one line per case,
-`PASS|FAIL <case> <component> worst=<max_err_over_max_ref> tol=<tol>`, then `N passed, M failed`.
+The checker lives in `opensora_jax.tools.parity`; this package only keeps the short command working.
 """
-
-from opensora_jax.parity.core import Case, CaseResult, load_case, run_case, run_cases
-
-__all__ = ["Case", "CaseResult", "load_case", "run_case", "run_cases"]

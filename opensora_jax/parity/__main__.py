@@ -1,30 +1,6 @@
-"""python -m opensora_jax.parity CASE_DIR [CASE_DIR ...]"""
+"""python -m opensora_jax.parity CASE_DIR [CASE_DIR ...]: see opensora_jax.tools.parity."""
 
-import argparse
-import os
-import sys
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m opensora_jax.parity",
-        description="Run reference fixture cases (../shared/fixtures format) against the JAX port. "
-        "Prints 'PASS|FAIL <case> <component> worst=<max_err_over_max_ref> tol=<tol>' per case and "
-        "'N passed, M failed' last; exits 0 only if every case passed.",
-    )
-    parser.add_argument("cases", nargs="+", help="fixture case directories (each holds case.json, io.npz, weights.safetensors)")
-    args = parser.parse_args(argv)
-
-    # Full-precision float32 matmuls: the fixture tolerances assume them.
-    import jax
-
-    jax.config.update("jax_default_matmul_precision", "highest")
-    from opensora_jax.parity.core import run_cases
-
-    _, failed = run_cases(args.cases, print_fn=lambda s: print(s, flush=True))
-    return 0 if failed == 0 else 1
-
+from opensora_jax.tools.parity.__main__ import cli_exit
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.exit(main())
+    cli_exit()

@@ -21,6 +21,10 @@ class RunCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def due(self, step: int) -> bool:
+        """Whether `maybe_save(step, ...)` would save (without `force`): lets a caller check the state first."""
+        return self.manager.should_save(step)
+
     def maybe_save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
         """Saves when `step` is on the interval (or `force`); returns whether a save started."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))

@@ -194,7 +194,7 @@ def _read_tensors(path: pathlib.Path, allow_pickle: bool) -> dict[str, np.ndarra
     if path.suffix == ".npz":
         with np.load(path) as data:
             return {k: np.asarray(data[k]) for k in data.files}
-    from convert.sources import open_source
+    from opensora_jax.tensor_files import open_source
 
     with open_source(path, allow_pickle=allow_pickle) as source:
         return {k: source.get(k) for k in source.keys()}

@@ -11,7 +11,7 @@ so a resumed run reproduces an uninterrupted one exactly.
 Which parameters train (§12.2): stage 1 the temporal VAE; stage 2 also the 2D encoder and quant_conv;
 stage 3 everything. Stage 0 is ours: the 2D VAE alone as an image autoencoder (pixel NLL + per-image KL),
 for models that have no pretrained 2D VAE to start stage 1 from (the demo model). The exported VAE (`export_vae`) is a converted directory that
-`convert.registry.load_model("vae", dir)` and sample.py load.
+`opensora_jax.checkpoints.load_model("vae", dir)` and sample.py load.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import functools
 import json
 import os
 import pathlib
-import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +30,16 @@ import numpy as np
 import optax
 from flax import nnx
 
+from opensora_jax.checkpoints import ModelLoader, load_model, materialize, save_module
+from opensora_jax.data.buckets import Buckets
+from opensora_jax.data.loader import VideoLoader
+from opensora_jax.errors import UserError
 from opensora_jax.models.vae.opensora_v1_2 import OpenSoraVAE, OpenSoraVAEConfig
 from opensora_jax.training.checkpointing import RunCheckpointer
+from opensora_jax.training.driver import run_loop, to_device
 from opensora_jax.training.optim import make_optimizer
 from opensora_jax.training.vae_losses import (
+    GAN_LOSS_TYPES,
     LPIPS,
     BatchStat,
     NLayerDiscriminator,
@@ -49,6 +55,9 @@ from opensora_jax.training.vae_losses import (
     vae_forward,
     vae_loss_terms,
 )
+
+# (vae, path, *, allow_pickle=False) → None: fills vae.spatial from reference 2D-VAE weights.
+SpatialLoader = Callable[..., None]
 
 # The layer the adaptive GAN weight is measured at: `temporal_vae.decoder.conv_out.conv.weight`
 # (in stage 0, which trains the 2D VAE alone, its decoder's conv_out).
@@ -254,32 +263,10 @@ def mixed_num_frames(strategy: str | None, num_frames: int, *, seed: int, step: 
 # ------------------------------------------------------------------------------------------- model & data
 
 
-def load_spatial_weights(vae: OpenSoraVAE, path, *, allow_pickle: bool = False) -> None:
-    """Loads 2D-VAE weights into `vae.spatial` from a diffusers `AutoencoderKL` checkpoint (keys
-    `encoder.*`, `decoder.*`, `quant_conv.*`, ...; stage 1 starts from the PixArt-Σ SDXL VAE) or from a
-    whole reference VAE checkpoint (its `spatial_vae.module.*` part)."""
-    from convert import vae_v1_2
-    from convert.checkpoint import load_flat_into, variable_paths
-    from convert.keymap import Rule, Table, convert
-    from convert.sources import open_source
-
-    prefix = vae_v1_2.SPATIAL + "."
-    rules = [Rule(r.target.removeprefix("spatial/"), r.source.removeprefix(prefix), r.transform, r.resize_rows)
-             for r in vae_v1_2.table(vae.config).rules if r.target.startswith("spatial/")]
-    table = Table(name="vae_2d", rules=rules, strip_prefixes=("module.", prefix),
-                  ignore=(r"temporal_vae\..*", "scale", "shift"))
-    targets = variable_paths(vae.spatial)
-    with open_source(path, allow_pickle=allow_pickle) as source:
-        flat = convert(table, source, targets)
-    load_flat_into(vae.spatial, flat)
-
-
 def random_init_vae(cfg: OpenSoraVAEConfig, seed: int, *, dtype=jnp.float32) -> OpenSoraVAE:
     """A VAE with PyTorch's default init drawn in numpy (no per-shape init compiles): conv/linear kernels
     and biases uniform(±1/√fan_in), norm scales 1 and biases 0, `scale`/`shift` from the config.
     Parameters are float32; `dtype` is the compute dtype."""
-    from convert.registry import materialize
-
     abstract = nnx.eval_shape(lambda: OpenSoraVAE(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.float32))
     shapes = {tuple(map(str, p)): v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(abstract))}
     rng = np.random.default_rng(seed)
@@ -298,20 +285,23 @@ def random_init_vae(cfg: OpenSoraVAEConfig, seed: int, *, dtype=jnp.float32) -> 
     return materialize(abstract, flat)
 
 
-def build_vae(config: ml_collections.ConfigDict) -> OpenSoraVAE:
+def build_vae(config: ml_collections.ConfigDict, load: ModelLoader = load_model,
+              load_spatial: SpatialLoader | None = None) -> OpenSoraVAE:
     """The VAE to train: architecture `config.model` (reference kwargs), computing in `config.dtype` with
-    float32 parameters; weights from `from_pretrained` (whole pipeline), else `vae_2d_pretrained` (2D part;
-    temporal VAE random), else random (PyTorch-default init, `random_init_vae`)."""
+    float32 parameters; weights from `from_pretrained` (whole pipeline, through `load`), else
+    `vae_2d_pretrained` (2D part through `load_spatial`; temporal VAE random), else random (PyTorch-default
+    init, `random_init_vae`)."""
     cfg = OpenSoraVAEConfig.from_dict(config.model.to_dict())
     vae = random_init_vae(cfg, config.seed, dtype=jnp.dtype(config.dtype))
+    pickle = {"allow_pickle": True} if config.get("allow_pickle", False) else {}
     if config.get("from_pretrained"):
-        from convert.registry import load_model
-
-        loaded, _ = load_model("vae", config.from_pretrained, config=cfg.to_dict(), dtype=jnp.float32,
-                               allow_pickle=config.get("allow_pickle", False))
+        loaded, _ = load("vae", config.from_pretrained, config=cfg.to_dict(), dtype=jnp.float32, **pickle)
         nnx.update(vae, nnx.state(loaded))
     elif config.get("vae_2d_pretrained"):
-        load_spatial_weights(vae, config.vae_2d_pretrained, allow_pickle=config.get("allow_pickle", False))
+        if load_spatial is None:
+            raise UserError("vae_2d_pretrained names reference 2D-VAE weights, which only train_vae.py converts "
+                            "(it passes convert.vae_v1_2.load_spatial_weights)")
+        load_spatial(vae, config.vae_2d_pretrained, **pickle)
     if config.get("temporal_logvar_init") is not None:
         set_posterior_logvar(vae.temporal.quant_conv.conv, float(config.temporal_logvar_init))
     return vae
@@ -349,9 +339,6 @@ def make_vae_loader(config: ml_collections.ConfigDict, *, csv: str | None = None
                     seed: int | None = None):
     """Clips of `data.num_frames` frames at `data.image_size` (bilinear resize-to-cover + centre crop, like
     the reference's VideoTextDataset "center" transform), `data.batch_size` per batch, from a CSV."""
-    from opensora_jax.data.buckets import Buckets
-    from opensora_jax.data.loader import VideoLoader
-
     data = config.data
     csv = csv or data.csv
     if not csv:
@@ -389,13 +376,10 @@ def step_config(config: ml_collections.ConfigDict) -> VAEStepConfig:
 
 
 def export_vae(graphdef, state: VAETrainState, out_dir, *, config: dict) -> pathlib.Path:
-    """Writes the trained VAE as a converted directory (`convert.registry.load_model("vae", out_dir)`)."""
-    from convert.checkpoint import save_converted
-
+    """Writes the trained VAE as a converted directory (`checkpoints.load_model("vae", out_dir)`)."""
     vae = nnx.merge(graphdef, state.params, state.rest)
-    flat = {"/".join(map(str, k)): np.asarray(v.get_value(), np.float32) for k, v in nnx.to_flat_state(nnx.state(vae))}
-    return save_converted(out_dir, flat, config=config, model="vae", overwrite=True,
-                          extra_meta={"step": int(state.step), "trained_by": "train_vae.py"})
+    return save_module(out_dir, vae, config=config, model="vae", dtype=np.float32, overwrite=True,
+                       extra_meta={"step": int(state.step), "trained_by": "train_vae.py"})
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -434,10 +418,28 @@ def _format(record: dict) -> str:
     return "  ".join(parts)
 
 
+def _place_video(batch: dict) -> dict:
+    """The prefetcher's `place`: only the clips go to device (the step reads nothing else)."""
+    return to_device({"video": np.asarray(batch["video"])})
+
+
+def make_vae_step_fn(graphdef, disc_graphdef, tx, disc_tx, cfg: VAEStepConfig, lpips, config: ml_collections.ConfigDict):
+    """The driver's step function: frame mixing of the (device) clips for this step, then one jitted update."""
+
+    def step_fn(state, batch, step):
+        video = batch["video"]
+        n = mixed_num_frames(config.mixed_strategy, video.shape[1], seed=config.seed, step=step,
+                             image_ratio=config.mixed_image_ratio)
+        if n != video.shape[1]:
+            video = video[:, :n]
+        state, metrics = vae_train_step(graphdef, disc_graphdef, tx, disc_tx, cfg, state, video, lpips)
+        return state, metrics, {"frames": n}
+
+    return step_fn
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Fails early, before any model is built, on settings the run would reject later."""
-    from opensora_jax.training.vae_losses import GAN_LOSS_TYPES
-
     if int(config.stage) not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {config.stage!r}")
     if config.mixed_strategy not in MIXED_STRATEGIES:
@@ -457,17 +459,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                              f"got {d.discriminator_loss_type!r}")
 
 
-def train_vae(config: ml_collections.ConfigDict, *, stop_after: int | None = None) -> dict:
+def train_vae(config: ml_collections.ConfigDict, *, stop_after: int | None = None, load: ModelLoader = load_model,
+              load_spatial: SpatialLoader | None = None) -> dict:
     """Runs (or resumes from out_dir/checkpoints) VAE training to `config.steps`; returns a summary.
 
     Writes out_dir/config.json, metrics.jsonl (one record per step), eval.jsonl, checkpoints/, and with
-    `export` the trained VAE to out_dir/vae_model. `stop_after` ends early (tests)."""
+    `export` the trained VAE to out_dir/vae_model. `stop_after` ends early (tests). `load` and `load_spatial`
+    read `from_pretrained` and `vae_2d_pretrained` (see `build_vae`)."""
     validate_config(config)
     out_dir = pathlib.Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / "config.json", config.to_dict())
 
-    vae = build_vae(config)
+    vae = build_vae(config, load, load_spatial)
     vae_config = vae.config.to_dict()
     tx = optimizer_from_config(config)
     disc = build_discriminator(config)
@@ -478,9 +482,24 @@ def train_vae(config: ml_collections.ConfigDict, *, stop_after: int | None = Non
     cfg = step_config(config)
     lpips = build_lpips(config)
 
+    eval_cfg = config.get("eval") or ml_collections.ConfigDict(dict(csv="", every=0, num_batches=0))
+    eval_l1 = None
+
+    def run_eval(step, state):
+        value = evaluate(graphdef, state, config, csv=eval_cfg.csv, num_batches=eval_cfg.num_batches)
+        with open(out_dir / "eval.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "eval_l1": value}) + "\n")
+        print(f"eval step {step}: reconstruction L1 {value:.5f} (held-out, posterior means)", flush=True)
+        return value
+
+    def eval_when_due(step, state):
+        nonlocal eval_l1
+        if eval_cfg.csv and eval_cfg.every and step % eval_cfg.every == 0:
+            eval_l1 = run_eval(step, state)
+
+    loader = make_vae_loader(config)
     checkpointer = RunCheckpointer(out_dir / "checkpoints", every=config.ckpt_every, keep=config.keep_checkpoints,
                                    async_save=config.async_checkpoint)
-    loader = make_vae_loader(config)
     iterator = iter(loader)
     if checkpointer.latest_step() is not None:
         state, data_state = checkpointer.restore(state)
@@ -488,50 +507,14 @@ def train_vae(config: ml_collections.ConfigDict, *, stop_after: int | None = Non
         iterator.set_state(data_state["iterator"])
         print(f"resumed from step {int(state.step)} ({checkpointer.directory})", flush=True)
 
-    eval_cfg = config.get("eval") or ml_collections.ConfigDict(dict(csv="", every=0, num_batches=0))
-    metrics_file = open(out_dir / "metrics.jsonl", "a")
-    start_step = step = int(state.step)
-    started = time.perf_counter()
-    eval_l1 = None
-
-    def run_eval():
-        value = evaluate(graphdef, state, config, csv=eval_cfg.csv, num_batches=eval_cfg.num_batches)
-        with open(out_dir / "eval.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "eval_l1": value}) + "\n")
-        print(f"eval step {step}: reconstruction L1 {value:.5f} (held-out, posterior means)", flush=True)
-        return value
-
-    try:
-        while step < config.steps and (stop_after is None or step - start_step < stop_after):
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                print(f"data exhausted after step {step}", flush=True)
-                break
-            video = np.asarray(batch["video"])
-            n = mixed_num_frames(config.mixed_strategy, video.shape[1], seed=config.seed, step=step,
-                                 image_ratio=config.mixed_image_ratio)
-            state, metrics = vae_train_step(graphdef, disc_graphdef, tx, disc_tx, cfg, state,
-                                            jnp.asarray(video[:, :n]), lpips)
-            step += 1
-            record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "frames": n,
-                      "time_s": round(time.perf_counter() - started, 3)}
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            if step % config.log_every == 0 or step == start_step + 1:
-                print(_format(record), flush=True)
-            checkpointer.maybe_save(step, state, {"iterator": iterator.get_state()})
-            if eval_cfg.csv and eval_cfg.every and step % eval_cfg.every == 0:
-                eval_l1 = run_eval()
-        checkpointer.maybe_save(step, state, {"iterator": iterator.get_state()}, force=step % config.ckpt_every != 0)
-    finally:
-        checkpointer.close()
-        metrics_file.close()
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            close()
+    step_fn = make_vae_step_fn(graphdef, disc_graphdef, tx, disc_tx, cfg, lpips, config)
+    result = run_loop(state, step_fn, iterator, checkpointer, metrics_path=out_dir / "metrics.jsonl",
+                      start_step=int(state.step), total_steps=config.steps, log_every=config.log_every,
+                      stop_after=stop_after, place=_place_video, prefetch=config.get("prefetch", 2),
+                      log_line=_format, after_step=eval_when_due)
+    state, step = result.state, result.step
     if eval_cfg.csv and (not eval_cfg.every or step % eval_cfg.every):
-        eval_l1 = run_eval()
+        eval_l1 = run_eval(step, state)
     exported = None
     if config.export:
         exported = export_vae(graphdef, state, out_dir / "vae_model", config=vae_config)

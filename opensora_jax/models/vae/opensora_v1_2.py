@@ -51,6 +51,7 @@ from opensora_jax.models.vae.spatial import (
     encode_frames,
 )
 from opensora_jax.models.vae.temporal import TemporalVAE, TemporalVAEConfig
+from opensora_jax.errors import UserError
 
 SHIFT = (-0.10, 0.34, 0.27, 0.98)
 SCALE = (3.85, 2.32, 2.33, 3.06)
@@ -111,11 +112,11 @@ class OpenSoraVAEConfig:
         config = dict(config)
         for key in ("vae_2d", "vae_temporal"):
             if key not in config:
-                raise ValueError(f"VAE config needs a {key!r} section; got keys {sorted(config)}")
+                raise UserError(f"VAE config needs a {key!r} section; got keys {sorted(config)}")
         known = {"vae_2d", "vae_temporal", "micro_frame_size", "micro_batch_size", "shift", "scale"}
         for key in config:
             if key not in known and key not in _IGNORED_KEYS and not key.startswith("_"):
-                raise ValueError(f"VAE config key {key!r} is not supported (known: {sorted(known)})")
+                raise UserError(f"VAE config key {key!r} is not supported (known: {sorted(known)})")
 
         def floats(v):
             return tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
@@ -146,17 +147,17 @@ class OpenSoraVAEConfig:
     def validate(self) -> None:
         lat = self.spatial.latent_channels
         if self.temporal.in_out_channels != lat:
-            raise ValueError(
+            raise UserError(
                 f"vae_temporal.in_out_channels={self.temporal.in_out_channels} must equal "
                 f"vae_2d.latent_channels={lat}"
             )
         for name, values in (("shift", self.shift), ("scale", self.scale)):
             if len(values) not in (1, self.temporal.embed_dim):
-                raise ValueError(f"{name} has {len(values)} values; expected 1 or embed_dim={self.temporal.embed_dim}")
+                raise UserError(f"{name} has {len(values)} values; expected 1 or embed_dim={self.temporal.embed_dim}")
         if self.micro_frame_size is not None and self.micro_frame_size < 1:
-            raise ValueError(f"micro_frame_size must be positive or None, got {self.micro_frame_size}")
+            raise UserError(f"micro_frame_size must be positive or None, got {self.micro_frame_size}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be positive or None, got {self.micro_batch_size}")
+            raise UserError(f"micro_batch_size must be positive or None, got {self.micro_batch_size}")
 
     @property
     def spatial_factor(self) -> int:

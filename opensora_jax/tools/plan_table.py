@@ -1,5 +1,5 @@
 """The README's per-device memory table: which (mode, resolution, device count) entries it has, one
-Markdown row per planner result, and the run that compiles them all (`python -m opensora_jax.plan --table`)."""
+Markdown row per planner result, and the run that compiles them all (`python -m opensora_jax.tools.plan_cli --table`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,18 @@ import sys
 from collections.abc import Sequence
 
 from opensora_jax import parallel
-from opensora_jax.plan import TABLE_DEVICES, TABLE_MESHES, TABLE_MODES, TABLE_RESOLUTIONS, PlanResult, PlanSpec, plan
+from opensora_jax.tools.plan import PlanResult, PlanSpec, plan
+
+# The README table: one mesh per (mode, device count). Sampling a single video (CFG ⇒ model batch 2) splits the two
+# CFG branches over fsdp=2 and heads over tensor (× sequence, Ulysses); more fsdp than 2 could only split weights.
+# Training keeps one sample per data-parallel rank (batch = data × fsdp) and adds sequence parallelism at 64.
+TABLE_RESOLUTIONS = ("240p", "480p", "720p")
+TABLE_DEVICES = (1, 8, 64)
+TABLE_MODES = ("sample", "train")
+TABLE_MESHES = {
+    "sample": {1: "data=1", 8: "fsdp=2,tensor=4", 64: "data=2,fsdp=2,tensor=4,sequence=4"},
+    "train": {1: "data=1", 8: "fsdp=8", 64: "fsdp=8,sequence=8"},
+}
 
 
 def table_specs(modes=TABLE_MODES, resolutions=TABLE_RESOLUTIONS, devices=TABLE_DEVICES,

@@ -20,10 +20,10 @@ import numpy as np
 # (predicate on case.json "component", "module:function", short name printed on the result line).
 # Handlers are imported lazily so that a broken or heavy component does not break the others.
 _HANDLERS: list[tuple[Callable[[str], bool], str, str]] = [
-    (lambda c: c.startswith("RFLOW.sample"), "opensora_jax.parity.rflow:run", "rflow"),
-    (lambda c: c == "STDiT3", "opensora_jax.parity.stdit3:run", "stdit3"),
-    (lambda c: c.startswith("T5EncoderModel"), "opensora_jax.parity.t5:run", "t5"),
-    (lambda c: c.startswith("OpenSoraVAE_V1_2"), "opensora_jax.parity.vae_v1_2:run", "vae_v1_2"),
+    (lambda c: c.startswith("RFLOW.sample"), "opensora_jax.tools.parity.rflow:run", "rflow"),
+    (lambda c: c == "STDiT3", "opensora_jax.tools.parity.stdit3:run", "stdit3"),
+    (lambda c: c.startswith("T5EncoderModel"), "opensora_jax.tools.parity.t5:run", "t5"),
+    (lambda c: c.startswith("OpenSoraVAE_V1_2"), "opensora_jax.tools.parity.vae_v1_2:run", "vae_v1_2"),
 ]
 
 

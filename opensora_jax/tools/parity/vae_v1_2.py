@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from opensora_jax.parity.core import to_channels_first, to_channels_last
+from opensora_jax.tools.parity.core import to_channels_first, to_channels_last
 
 from opensora_jax.models.vae.opensora_v1_2 import OpenSoraVAEConfig, decode_jit, encode_jit
 

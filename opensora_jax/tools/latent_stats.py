@@ -4,7 +4,7 @@ The diffusion model sees `(z − shift) / scale`; rectified-flow training expect
 mean and unit variance per channel. The released v1.2 VAE ships such constants; a VAE trained here (the
 demo) gets its own from its data:
 
-    python -m opensora_jax.training.latent_stats --vae RUN/vae_temporal/vae_model --csv DATA/train.csv \
+    python -m opensora_jax.tools.latent_stats --vae RUN/vae_temporal/vae_model --csv DATA/train.csv \
         --frames 17 --size 32 32 OUT_DIR
 
 OUT_DIR is a copy of the VAE directory whose config and buffers carry the measured shift (mean) and
@@ -20,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from opensora_jax.checkpoints import load_converted, load_model, read_config, save_converted, save_module
 from opensora_jax.models.vae.spatial import SPATIAL_LATENT_SCALE
+from opensora_jax.training.vae_train import make_vae_loader
 
 
 def latent_moments(vae, batches) -> tuple[np.ndarray, np.ndarray, int]:
@@ -90,20 +92,12 @@ def standardize_spatial_latents(vae, mean, std) -> None:
 
 def write_vae(vae, source_dir, out_dir, *, overwrite: bool = False, extra_meta: dict | None = None):
     """Saves `vae` (loaded from the converted directory `source_dir`) to out_dir with source_dir's config."""
-    from flax import nnx
-
-    from convert.checkpoint import save_converted
-    from convert.registry import load_converted_config
-
-    flat = {"/".join(map(str, k)): np.asarray(v.get_value(), np.float32) for k, v in nnx.to_flat_state(nnx.state(vae))}
-    return save_converted(out_dir, flat, config=load_converted_config(source_dir), model="vae", overwrite=overwrite,
-                          extra_meta=extra_meta)
+    return save_module(out_dir, vae, config=read_config(source_dir), model="vae", dtype=np.float32,
+                       overwrite=overwrite, extra_meta=extra_meta)
 
 
 def write_with_stats(vae_dir, out_dir, shift, scale, *, overwrite: bool = False, extra_meta: dict | None = None):
     """Copies a converted VAE directory to out_dir with new shift / scale (config and buffers)."""
-    from convert.checkpoint import load_converted, save_converted
-
     flat, meta = load_converted(vae_dir)
     config = dict(meta["config"])
     config["shift"] = [float(v) for v in shift]
@@ -118,7 +112,7 @@ def write_with_stats(vae_dir, out_dir, shift, scale, *, overwrite: bool = False,
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m opensora_jax.training.latent_stats", description=__doc__,
+        prog="python -m opensora_jax.tools.latent_stats", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", metavar="OUT_DIR", help="where the VAE with measured shift/scale is written")
     parser.add_argument("--vae", required=True, help="converted VAE directory (e.g. train_vae.py's vae_model)")
@@ -134,9 +128,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import ml_collections
-
-    from convert.registry import load_model
-    from opensora_jax.training.vae_train import make_vae_loader
 
     vae, _ = load_model("vae", args.vae, dtype=jnp.float32)
     config = ml_collections.ConfigDict(dict(seed=0, data=dict(

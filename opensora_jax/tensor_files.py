@@ -1,4 +1,5 @@
-"""Lazy readers of reference checkpoints: safetensors (single, sharded, directory) and, opt-in, pickle.
+"""Lazy readers of tensor files (reference checkpoints, LPIPS weights): safetensors (single, sharded, directory)
+and, opt-in, pickle.
 
 Safetensors files are parsed here (8-byte little-endian header length, JSON header, raw data) and
 memory-mapped, so opening validates the file but reads no tensor data until `get`.
@@ -14,6 +15,8 @@ from typing import Iterable
 
 import ml_dtypes
 import numpy as np
+
+from opensora_jax.errors import UserError
 
 SAFETENSORS_DTYPES = {
     "F64": np.dtype("<f8"),
@@ -105,21 +108,21 @@ def _parse_header(path: pathlib.Path, size: int) -> tuple[int, dict]:
     with open(path, "rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
-            raise ValueError(f"{path}: not a safetensors file (only {size} bytes)")
+            raise UserError(f"{path}: not a safetensors file (only {size} bytes)")
         (length,) = struct.unpack("<Q", prefix)
         if length > size - 8:
-            raise ValueError(f"{path}: truncated or not a safetensors file (header of {length} bytes, file of {size})")
+            raise UserError(f"{path}: truncated or not a safetensors file (header of {length} bytes, file of {size})")
         try:
             header = json.loads(f.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: unreadable safetensors header: {e}") from None
+            raise UserError(f"{path}: unreadable safetensors header: {e}") from None
     header.pop("__metadata__", None)
     data_size = size - 8 - length
     entries = {key: _parse_entry(path, key, info) for key, info in header.items()}
     by_offset = sorted(entries.items(), key=lambda kv: kv[1][2][0])
     for key, (_, _, (_, end)) in by_offset:
         if end > data_size:
-            raise ValueError(
+            raise UserError(
                 f"{path}: file is truncated: tensor {key!r} lies past the end of the file "
                 f"(needs {8 + length + end} bytes, file has {size})"
             )
@@ -132,9 +135,9 @@ def _parse_entry(path: pathlib.Path, key: str, info: dict):
         shape = tuple(int(d) for d in info["shape"])
         begin, end = (int(o) for o in info["data_offsets"])
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: bad header entry for tensor {key!r} ({info!r}): {e!r}") from None
+        raise UserError(f"{path}: bad header entry for tensor {key!r} ({info!r}): {e!r}") from None
     if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
-        raise ValueError(f"{path}: tensor {key!r} has offsets {begin}..{end} inconsistent with {info['dtype']}{shape}")
+        raise UserError(f"{path}: tensor {key!r} has offsets {begin}..{end} inconsistent with {info['dtype']}{shape}")
     return dtype, shape, (begin, end)
 
 
@@ -149,7 +152,7 @@ class MultiSource(SourceReader):
             for key in reader.keys():
                 if key in self._owner:
                     self.close()
-                    raise ValueError(
+                    raise UserError(
                         f"{path}: tensor {key!r} is present in both {self._owner[key].path} and {reader.path}"
                     )
                 self._owner[key] = reader
@@ -185,7 +188,7 @@ def _open_index(path: pathlib.Path) -> MultiSource:
     try:
         weight_map = json.loads(path.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a safetensors index (no weight_map): {e!r}") from None
+        raise UserError(f"{path}: not a safetensors index (no weight_map): {e!r}") from None
     shards = sorted(set(weight_map.values()))
     source = MultiSource(path, (SafetensorsFile(path.parent / shard) for shard in shards))
     stored_in = {key: source.owner(key).path for key in source.keys()}
@@ -202,7 +205,7 @@ def _open_index(path: pathlib.Path) -> MultiSource:
     ]
     if problems:
         source.close()
-        raise ValueError(f"{path}: index does not match its shards:\n  " + "\n  ".join(problems))
+        raise UserError(f"{path}: index does not match its shards:\n  " + "\n  ".join(problems))
     return source
 
 
@@ -217,10 +220,10 @@ class TorchPickle(SourceReader):
         if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
             loaded = loaded["state_dict"]
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a state dict, found {type(loaded).__name__}")
+            raise UserError(f"{path}: expected a state dict, found {type(loaded).__name__}")
         bad = [k for k, v in loaded.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
         if bad:
-            raise ValueError(
+            raise UserError(
                 f"{path}: expected a flat str → tensor state dict (or one under 'state_dict'); "
                 f"non-tensor entries: {bad[:10]}"
             )
@@ -265,7 +268,7 @@ def _torch_to_numpy(t) -> np.ndarray:
 
 def _open_pickle(path: pathlib.Path, allow_pickle: bool) -> TorchPickle:
     if not allow_pickle:
-        raise ValueError(
+        raise UserError(
             f"{path}: refusing to load a pickle checkpoint: pickle files can execute arbitrary code when loaded. "
             "If you trust this file, pass --allow-pickle (CLI) or allow_pickle=True; "
             "or convert it to .safetensors first."
@@ -276,7 +279,7 @@ def _open_pickle(path: pathlib.Path, allow_pickle: bool) -> TorchPickle:
 def _open_directory(path: pathlib.Path, allow_pickle: bool) -> SourceReader:
     indexes = sorted(path.glob(f"*{INDEX_SUFFIX}"))
     if len(indexes) > 1:
-        raise ValueError(f"{path}: several safetensors indexes: {[p.name for p in indexes]}; pass one of them")
+        raise UserError(f"{path}: several safetensors indexes: {[p.name for p in indexes]}; pass one of them")
     if indexes:
         return _open_index(indexes[0])
     files = sorted(path.glob("*.safetensors"))
@@ -287,7 +290,7 @@ def _open_directory(path: pathlib.Path, allow_pickle: bool) -> SourceReader:
     pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if len(pickles) == 1:
         return _open_pickle(pickles[0], allow_pickle)
-    raise ValueError(
+    raise UserError(
         f"{path}: no checkpoint found (expected *{INDEX_SUFFIX}, *.safetensors or a single "
         f"{'/'.join(PICKLE_SUFFIXES)} file); found {sorted(p.name for p in path.iterdir())}"
     )
@@ -311,7 +314,7 @@ def open_source(path: str | pathlib.Path, *, allow_pickle: bool = False) -> Sour
         return SafetensorsFile(path)
     if path.suffix in PICKLE_SUFFIXES:
         return _open_pickle(path, allow_pickle)
-    raise ValueError(
+    raise UserError(
         f"{path}: unsupported checkpoint format (expected .safetensors, *{INDEX_SUFFIX}, "
         f"a directory, or with allow_pickle {'/'.join(PICKLE_SUFFIXES)})"
     )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from opensora_jax.parity.core import to_channels_first, to_channels_last
-from opensora_jax.parity.stdit3 import load_stdit3
+from opensora_jax.tools.parity.core import to_channels_first, to_channels_last
+from opensora_jax.tools.parity.stdit3 import load_stdit3
 from opensora_jax.schedulers.rflow import RFlowSampler
 
 _SCHEDULER_KEYS = ("num_sampling_steps", "num_timesteps", "cfg_scale", "use_discrete_timesteps", "use_timestep_transform")

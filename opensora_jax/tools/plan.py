@@ -17,18 +17,15 @@ the numbers are XLA's CPU buffer assignment: fusion and scheduling differ per ba
 estimates; CPU_COMPILER_OPTIONS below move the CPU build closer to a GPU one (see docs/memory_plan.md). With
 JAX_PLATFORMS set to a real accelerator and enough devices, the same code plans on that backend instead.
 
-CLI: `python -m opensora_jax.plan --help`; `python -m opensora_jax.plan --table` for the README table.
+CLI: `python -m opensora_jax.tools.plan_cli --help`; `python -m opensora_jax.tools.plan_cli --table` for the README table.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
 import re
-import sys
 import time
 from typing import Any, Sequence
 
@@ -63,18 +60,6 @@ CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "",
     "xla_disable_hlo_passes": "constant_folding,while-loop-invariant-code-motion",
 }
-
-# The README table: one mesh per (mode, device count). Sampling a single video (CFG ⇒ model batch 2) splits the two
-# CFG branches over fsdp=2 and heads over tensor (× sequence, Ulysses); more fsdp than 2 could only split weights.
-# Training keeps one sample per data-parallel rank (batch = data × fsdp) and adds sequence parallelism at 64.
-TABLE_RESOLUTIONS = ("240p", "480p", "720p")
-TABLE_DEVICES = (1, 8, 64)
-TABLE_MODES = ("sample", "train")
-TABLE_MESHES = {
-    "sample": {1: "data=1", 8: "fsdp=2,tensor=4", 64: "data=2,fsdp=2,tensor=4,sequence=4"},
-    "train": {1: "data=1", 8: "fsdp=8", 64: "fsdp=8,sequence=8"},
-}
-
 
 # ----------------------------------------------------------------------------------------------------------
 # What to plan
@@ -455,108 +440,3 @@ def format_report(result: PlanResult) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in value.split(",") if item.strip())
-
-
-def _int_csv(value: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(item) for item in _csv(value))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m opensora_jax.plan",
-        description="Per-device memory of STDiT3 sampling or training on a device mesh, from XLA's memory "
-                    "analysis of the compiled program. Nothing is allocated: weights, optimizer state and "
-                    "inputs are abstract arrays, and the mesh is made of fake CPU devices.",
-        epilog="Sampling compiles RFlowSampler.sample as the pipeline calls it (all steps in one jit, CFG doubles "
-               "the model batch); --train compiles one train_step (float32 master params + AdamW + EMA, compute "
-               "in --dtype, remat on, state donated). Peak estimate = arguments + outputs + temporaries − aliased.",
-    )
-    parser.add_argument("--model", default="STDiT3-XL/2", help=f"STDiT3 preset: {', '.join(sorted(PRESETS))} "
-                        "(default %(default)s)")
-    parser.add_argument("--resolution", default="720p",
-                        help=f"resolution name: {', '.join(presets.resolution_names())} (default %(default)s)")
-    parser.add_argument("--aspect-ratio", default="9:16",
-                        help="aspect-ratio name H:W in the v1.2 convention, e.g. 9:16, 1:1, 16:9 (default %(default)s)")
-    parser.add_argument("--num-frames", default="4s",
-                        help="pixel frames: an integer or a name such as 2s (51), 4s (102), 8s (204) "
-                             "(default %(default)s)")
-    parser.add_argument("--mesh", default="data=1",
-                        help="mesh sizes, e.g. 'fsdp=8,sequence=8'; axes data, fsdp, tensor, sequence; unnamed "
-                             "axes are 1, one axis may be -1 with --devices (default %(default)s)")
-    parser.add_argument("--train", action="store_true", help="plan one training step instead of sampling")
-    parser.add_argument("--batch", type=int, default=1,
-                        help="global batch: videos per sampling call (the model sees 2× with CFG) or per "
-                             "training step (default %(default)s)")
-    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES,
-                        help="compute dtype (and the weights' dtype when sampling; training keeps float32 "
-                             "master weights) (default %(default)s)")
-    parser.add_argument("--devices", type=int, default=None,
-                        help="device count; defaults to the mesh size (needed when an axis is -1)")
-    parser.add_argument("--steps", type=int, default=30,
-                        help="sampling steps (compiled as one loop body, so memory hardly depends on it) "
-                             "(default %(default)s)")
-    parser.add_argument("--json", metavar="OUT", help="also write the result(s) as JSON to OUT")
-    parser.add_argument("--table", action="store_true",
-                        help="print a Markdown table instead of one plan: sampling (batch 1) and training (one "
-                             "sample per data-parallel rank) of --model at --aspect-ratio and --num-frames, for "
-                             "each of --table-resolutions and --table-devices on preset meshes")
-    parser.add_argument("--table-modes", type=_csv, default=TABLE_MODES, metavar="MODES",
-                        help=f"with --table: a subset of {','.join(TABLE_MODES)}")
-    parser.add_argument("--table-resolutions", type=_csv, default=TABLE_RESOLUTIONS, metavar="RESOLUTIONS",
-                        help=f"with --table: resolutions (default {','.join(TABLE_RESOLUTIONS)})")
-    parser.add_argument("--table-devices", type=_int_csv, default=TABLE_DEVICES, metavar="COUNTS",
-                        help=f"with --table: device counts, a subset of {','.join(map(str, TABLE_DEVICES))}")
-    return parser
-
-
-def _spec_from_args(args: argparse.Namespace) -> PlanSpec:
-    return PlanSpec(model=args.model, resolution=args.resolution, aspect_ratio=args.aspect_ratio,
-                    num_frames=args.num_frames, mesh=args.mesh, train=args.train, batch=args.batch,
-                    dtype=args.dtype, devices=args.devices, steps=args.steps)
-
-
-def _validate(specs: Sequence[PlanSpec]) -> int:
-    """Checks every spec's names and mesh before jax starts; returns the device count needed."""
-    for spec in specs:
-        cfg = model_config(spec)
-        VideoShape.of(spec, cfg)
-        parallel.MeshConfig.parse(spec.mesh).resolve(mesh_device_count(spec))
-    return max(mesh_device_count(spec) for spec in specs)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        from opensora_jax.plan_table import run_table, table_specs
-
-        specs = (table_specs(args.table_modes, args.table_resolutions, args.table_devices, model=args.model,
-                             aspect_ratio=args.aspect_ratio, num_frames=args.num_frames) if args.table
-                 else [_spec_from_args(args)])
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        request_cpu_devices(_validate(specs))
-        if args.table:
-            markdown, results = run_table(specs)
-            print(markdown)
-        else:
-            results = [plan(specs[0])]
-            print(format_report(results[0]))
-    except ValueError as error:
-        parser.error(str(error))
-    if args.json:
-        payload = [r.to_json() for r in results]
-        with open(args.json, "w") as f:
-            json.dump(payload if args.table else payload[0], f, indent=2, default=str)
-            f.write("\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

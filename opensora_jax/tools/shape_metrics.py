@@ -1,7 +1,7 @@
 """Does a generated clip match its caption? Colour and motion checks for the synthetic-shapes captions,
 and the prompt-grid evaluation of a model trained on them (the demo).
 
-    python -m opensora_jax.shape_metrics [--model-dir assets/demo] [--seeds 2] [--out-dir DIR]
+    python -m opensora_jax.tools.shape_metrics [--model-dir assets/demo] [--seeds 2] [--out-dir DIR]
 
 prints, for every prompt of the grid colours × shapes × directions and every seed, the colour and the
 direction read off the generated frames, and the rate at which both match the prompt.
@@ -133,9 +133,9 @@ def summary(judgements: list[Judgement]) -> dict:
 
 
 def main(argv=None) -> int:
-    from opensora_jax.pipeline import Pipeline
+    from opensora_jax.pipelines.opensora_v1_2 import Pipeline
 
-    parser = argparse.ArgumentParser(prog="python -m opensora_jax.shape_metrics", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m opensora_jax.tools.shape_metrics", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     default_dir = pathlib.Path(__file__).resolve().parents[1] / "assets" / "demo"
     parser.add_argument("--model-dir", default=str(default_dir),

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opensora_jax.parity.core import to_channels_first, to_channels_last
+from opensora_jax.tools.parity.core import to_channels_first, to_channels_last
 from flax import nnx
 
 from opensora_jax.models.stdit3 import STDiT3Config

@@ -1,7 +1,7 @@
 """A small text encoder for models trained from scratch: a SentencePiece tokenizer trained on the
 captions of a training CSV and a randomly initialised T5 encoder, saved as a converted T5 directory.
 
-    python -m opensora_jax.tiny_t5 --csv data/train.csv OUT_DIR [--d-model 64 --num-layers 2 --seed 0]
+    python -m opensora_jax.tools.tiny_t5 --csv data/train.csv OUT_DIR [--d-model 64 --num-layers 2 --seed 0]
 
 OUT_DIR holds the encoder (what `python -m convert t5` writes) and OUT_DIR/tokenizer/spiece.model, so
 sample.py and train.py take it as `--t5 OUT_DIR`. Open-Sora trains STDiT3 against a frozen T5; here the
@@ -75,7 +75,7 @@ def make_text_encoder(csv_path, out_dir, *, d_model: int = 64, num_layers: int =
     """Writes OUT_DIR (converted T5 encoder, random weights from `seed`) with OUT_DIR/tokenizer; returns it."""
     import sentencepiece as spm
 
-    from convert.checkpoint import save_converted
+    from opensora_jax.checkpoints import save_converted
     from opensora_jax.models.t5 import T5Config, T5Encoder
 
     out = pathlib.Path(out_dir)
@@ -91,7 +91,7 @@ def make_text_encoder(csv_path, out_dir, *, d_model: int = 64, num_layers: int =
     tok_tmp.mkdir(parents=True)
     (tok_tmp / "spiece.model").write_bytes(model_bytes)
     save_converted(out, flat, config=config, model="t5", overwrite=overwrite,
-                   extra_meta={"made_by": "opensora_jax.tiny_t5", "seed": seed, "sentencepiece_pieces": num_pieces})
+                   extra_meta={"made_by": "opensora_jax.tools.tiny_t5", "seed": seed, "sentencepiece_pieces": num_pieces})
     shutil.rmtree(out / "tokenizer", ignore_errors=True)
     tok_tmp.rename(out / "tokenizer")
     return out
@@ -99,7 +99,7 @@ def make_text_encoder(csv_path, out_dir, *, d_model: int = 64, num_layers: int =
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m opensora_jax.tiny_t5",
+        prog="python -m opensora_jax.tools.tiny_t5",
         description="Train a SentencePiece tokenizer on a CSV's captions and write it with a randomly "
         "initialised T5 encoder as a converted T5 directory (OUT_DIR, tokenizer in OUT_DIR/tokenizer).")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (must be empty or absent)")

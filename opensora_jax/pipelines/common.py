@@ -1,0 +1,121 @@
+"""What every family's sampling pipeline shares: the result type, prompt lists, progress and output files.
+
+Videos are uint8 (B, T, H, W, 3). `save_generation` writes MP4 (PNG for one frame), a frame grid and a JSON
+sidecar per video, each under a temporary name first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+
+import ml_collections
+import numpy as np
+
+from opensora_jax import video_io
+from opensora_jax.errors import UserError
+
+
+@dataclasses.dataclass
+class Generation:
+    """One generate() call's result."""
+
+    videos: np.ndarray  # uint8 (B, T, H, W, 3)
+    prompts_sent: list[str]  # per sample, as given to T5 (suffixes and cleaning applied; loop form joined)
+    seed: int
+    timings: dict[str, float]
+    latents: list[np.ndarray] = dataclasses.field(default_factory=list)  # per loop clip: (B, T', H', W', 4)
+
+
+def read_prompts(config: ml_collections.ConfigDict) -> list[str]:
+    """Prompts from `config.prompts` and/or `config.prompt_file` (one per line, blank lines skipped)."""
+    prompts = list(config.prompts or [])
+    if config.prompt_file:
+        path = pathlib.Path(config.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file {path} not found")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("no prompt given: use --prompt TEXT or --prompt-file FILE")
+    return prompts
+
+
+def per_prompt(values, n: int, name: str) -> list[str] | None:
+    """A per-prompt list option: empty → None, one value → repeated, else exactly n values."""
+    values = list(values or [])
+    if not values:
+        return None
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise UserError(f"{name} has {len(values)} entries for {n} prompts (give one, or one per prompt)")
+    return values
+
+
+def write_json(path, payload) -> None:
+    """Writes `payload` as indented JSON under a temporary name, then renames it into place."""
+    path = pathlib.Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class stage_bar:
+    """A one-step progress bar around a long compiled call (e.g. the VAE decode), showing its elapsed time."""
+
+    def __init__(self, desc: str, enabled: bool):
+        self.desc, self.enabled, self.bar = desc, enabled, None
+
+    def __enter__(self):
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=1, desc=self.desc, unit="call")
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.close()
+
+
+def save_generation(gen: Generation, out_dir, *, fps: float, config: dict, name_prefix: str = "sample",
+                    start_index: int = 0, frame_grid: bool = True, upscale: int = 1) -> list[pathlib.Path]:
+    """Writes each video (MP4, or PNG for one frame) plus a JSON sidecar: config, seed, prompt sent, timings.
+
+    frame_grid: also a PNG of 8 evenly spaced frames beside each MP4 (`{stem}_grid.png`), to check a
+    video at a glance. upscale: nearest-neighbour enlargement of what is written (small demo videos).
+    """
+    if not (isinstance(upscale, int) and upscale >= 1):
+        raise ValueError(f"upscale must be an integer ≥ 1, got {upscale!r}")
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (frames, prompt) in enumerate(zip(gen.videos, gen.prompts_sent)):
+        stem = out_dir / f"{name_prefix}_{start_index + i:04d}"
+        if upscale > 1:
+            frames = np.repeat(np.repeat(frames, upscale, axis=1), upscale, axis=2)
+        grid = None
+        if frames.shape[0] == 1:
+            path = pathlib.Path(f"{stem}.png")
+            video_io.write_image(frames[0], path)
+        else:
+            path = pathlib.Path(f"{stem}.mp4")
+            video_io.write_video(frames, path, fps)
+            if frame_grid:
+                grid = pathlib.Path(f"{stem}_grid.png")
+                video_io.save_frame_grid(frames, grid)
+        sidecar = {"video": path.name, "prompt_sent": prompt, "seed": gen.seed, "timings": gen.timings,
+                   "frames": int(frames.shape[0]), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
+                   "frame_grid": grid.name if grid else None, "config": config}
+        write_json(f"{stem}.json", sidecar)
+        paths.append(path)
+    return paths
+
+
+def safe_name(text: str, limit: int = 50) -> str:
+    """A file-name-safe slug of a prompt."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:limit] or "sample"
