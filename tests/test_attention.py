@@ -96,6 +96,24 @@ def test_splash_falls_back_to_xla_off_tpu_warning_once(caplog):
     np.testing.assert_allclose(second, first, rtol=1e-6, atol=1e-6)
 
 
+def test_splash_short_keys_fall_back_to_xla_warning_once(caplog, monkeypatch):
+    """Where the splash kernel could run (pretended TPU, one device), key sequences under 128 tokens still take the
+    xla path; that fallback is logged once, whatever the short length."""
+    monkeypatch.setattr(layers, "_warned", set())
+    monkeypatch.setattr(layers, "_backend", lambda: "tpu")
+    monkeypatch.setattr(splash, "kernel_available", lambda: True)
+    monkeypatch.setattr(layers, "_multi_device_mesh", lambda: False)
+    q, k, v = _qkv(jax.random.key(5), (2, 20, 2, 8), (2, 16, 2, 8))
+    with caplog.at_level(logging.WARNING, logger=layers.__name__):
+        out = dot_product_attention(q, k, v, implementation="splash")
+        dot_product_attention(q, k, v, implementation="splash")
+        dot_product_attention(q, k[:, :5], v[:, :5], implementation="splash")
+    messages = [r.getMessage() for r in caplog.records if "splash" in r.getMessage()]
+    assert len(messages) == 1, messages
+    assert "at least 128 tokens" in messages[0] and "using xla attention for 16 keys" in messages[0]
+    np.testing.assert_array_equal(out, dot_product_attention(q, k, v))
+
+
 def test_cudnn_falls_back_where_unavailable_warning_once(caplog):
     q, k, v = _qkv(jax.random.key(4), (2, 20, 2, 8), (2, 20, 2, 8))  # float32: never a cuDNN input
     with caplog.at_level(logging.WARNING, logger=layers.__name__):

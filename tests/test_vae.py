@@ -275,9 +275,7 @@ def test_converter_reports_bad_checkpoint(fixtures_dir):
 # --------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize(
-    "case", ["vae_v1_2_tiny_chunked", pytest.param("vae_v1_2_tiny", marks=pytest.mark.slow)]
-)
+@pytest.mark.parametrize("case", ["vae_v1_2_tiny_chunked", "vae_v1_2_tiny"])
 def test_parity_fixture(fixtures_dir, case):
     from opensora_jax.tools.parity.core import run_case
 

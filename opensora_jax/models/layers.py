@@ -128,13 +128,19 @@ _warned: set[tuple] = set()
 
 
 def _warn_once(key: tuple, message: str) -> None:
+    """Logs `message` the first time `key` is seen in this process (fallbacks are decided at every trace)."""
     if key not in _warned:
         _warned.add(key)
         log.warning(message)
 
 
+def _backend() -> str:
+    """jax's default backend; one function so tests can pretend to be on another platform."""
+    return jax.default_backend()
+
+
 def _on_cuda_gpu() -> bool:
-    if jax.default_backend() != "gpu":
+    if _backend() != "gpu":
         return False
     try:
         version = jax.devices()[0].client.platform_version
@@ -151,10 +157,10 @@ def _multi_device_mesh() -> bool:
 
 def _resolve_attention(implementation: str, q: jax.Array, kv_len: int) -> str:
     """The implementation that actually runs: `implementation`, or `xla` (warning once) where its kernel is
-    not available. Decided at trace time."""
+    not available or not worth it. Decided at trace time; every fallback says once what ran instead and why."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} unknown; choose one of {ATTENTION_IMPLEMENTATIONS}")
-    backend = jax.default_backend()
+    backend = _backend()
     if implementation == "cudnn":
         if not _on_cuda_gpu():
             _warn_once(("cudnn", backend), f"cudnn attention needs an NVIDIA GPU; using xla attention on {backend}")
@@ -178,6 +184,10 @@ def _resolve_attention(implementation: str, q: jax.Array, kv_len: int) -> str:
                        "yet (a Pallas TPU kernel cannot be auto-partitioned); using xla attention")
             return "xla"
         if kv_len < splash.MIN_KERNEL_KV_LEN:  # e.g. temporal attention: padding to a 128 block costs more
+            _warn_once(("splash", "short"), f"splash attention runs only on key sequences of at least "
+                       f"{splash.MIN_KERNEL_KV_LEN} tokens (padding shorter ones to a {splash.LANES}-token block "
+                       f"costs more than it saves); using xla attention for {kv_len} keys and any other "
+                       "short key sequence")
             return "xla"
     return implementation
 
@@ -197,7 +207,8 @@ def dot_product_attention(
     reference's non-flash path. `cudnn`: jax.nn.dot_product_attention's cuDNN kernel (NVIDIA GPUs,
     bfloat16/float16). `splash`: JAX's Pallas splash-attention kernel (TPU; see opensora_jax.models.splash),
     used for key sequences of at least 128 tokens on one device. Where the chosen kernel is not available
-    (another backend or dtype, a multi-device mesh for splash) the `xla` path runs and a warning is logged once.
+    (another backend or dtype, a multi-device mesh for splash) or, for splash, the keys are too few to be worth
+    it, the `xla` path runs and a warning saying so is logged once per reason.
     """
     implementation = _resolve_attention(implementation, q, k.shape[-3])
     scale = q.shape[-1] ** -0.5

@@ -3,8 +3,8 @@
 
 `splash_attention` always runs the kernel: compiled by Mosaic on a TPU, or with `interpret=True` through
 Pallas' interpreter on any backend (CPU tests). Choosing when to use it (TPU only, long enough key sequences,
-one device) is `layers.dot_product_attention`'s job; `interpret_mode()` forces the interpreted kernel there so
-tests can run whole models through it on CPU.
+one device) is `layers.dot_product_attention`'s job, which warns once for each reason it falls back to `xla`;
+`interpret_mode()` forces the interpreted kernel there so tests can run whole models through it on CPU.
 
 What the wrapper does around the kernel, which works on one example of (heads, L, head_dim):
 * Leading dims broadcast as in the `xla` path. Trailing leading dims over which k, v and the key mask are
@@ -32,8 +32,9 @@ import jax.numpy as jnp
 
 LANES = 128  # the kernel's block sizes must be multiples of the TPU lane width
 MAX_BLOCK = 512
-# Key sequences shorter than this go through the `xla` path even with attention="splash": padding them to a
-# 128-lane block multiplies the work, and their logits are small anyway (STDiT3's temporal attention, L = T).
+# Key sequences shorter than this go through the `xla` path even with attention="splash" (with a one-time
+# warning): padding them to a 128-lane block multiplies the work, and their logits are small anyway (STDiT3's
+# temporal attention, L = T).
 MIN_KERNEL_KV_LEN = LANES
 
 _INTERPRET: contextvars.ContextVar[bool] = contextvars.ContextVar("opensora_splash_interpret", default=False)

@@ -1,4 +1,4 @@
-"""python -m opensora_jax.parity CASE_DIR [CASE_DIR ...]"""
+"""python -m opensora_jax.tools.parity CASE_DIR [CASE_DIR ...] [--json FILE]"""
 
 import argparse
 import os
@@ -13,16 +13,23 @@ def main(argv=None) -> int:
         "'N passed, M failed' last; exits 0 only if every case passed.",
     )
     parser.add_argument("cases", nargs="+", help="fixture case directories (each holds case.json, io.npz, weights.safetensors)")
+    parser.add_argument("--json", metavar="FILE", help="also write every case's result and per-array errors to FILE "
+                        "(input of python -m opensora_jax.tools.status_table)")
     args = parser.parse_args(argv)
+    json_dir = os.path.dirname(os.path.abspath(args.json)) if args.json else None
+    if json_dir and not os.path.isdir(json_dir):  # fail before the (long) run, not after it
+        parser.error(f"--json {args.json}: directory {json_dir} does not exist")
 
     # Full-precision float32 matmuls: the fixture tolerances assume them.
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    from opensora_jax.tools.parity.core import run_cases
+    from opensora_jax.tools.parity.core import run_cases, write_results_json
 
-    _, failed = run_cases(args.cases, print_fn=lambda s: print(s, flush=True))
-    return 0 if failed == 0 else 1
+    results = run_cases(args.cases, print_fn=lambda s: print(s, flush=True))
+    if args.json:
+        write_results_json(args.json, results)
+    return 0 if all(r.passed for r in results) else 1
 
 
 def cli() -> int:

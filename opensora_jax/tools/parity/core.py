@@ -3,7 +3,7 @@
 A component handler is a function `handler(case) -> dict[str, np.ndarray]` that builds the JAX
 module from `case.config`, loads `case.weights_path` through the user-facing converter, runs the
 recorded call and returns arrays named as in io.npz, in the reference layout. Every array with
-role `output` must be returned; intermediates are compared when returned.
+role `output` and every array with role `intermediate` must be returned: a missing one fails the case.
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
+import os
 import pathlib
+import tempfile
 import traceback
 from typing import Callable
 
@@ -66,17 +69,43 @@ class Case:
 
 @dataclasses.dataclass
 class CaseResult:
+    """The outcome of one case. `errors` maps each output and intermediate array the fixture holds to its
+    max_err_over_max_ref, or None where the handler did not return it (empty when the case could not be
+    loaded)."""
+
     case: str
-    component: str
+    component: str  # case.json's "component"
+    handler: str | None  # the handler's short name; None where no handler ran the case
     passed: bool
     worst: float
     tol: float
     detail: str = ""
+    errors: dict[str, float | None] = dataclasses.field(default_factory=dict)
 
     def line(self) -> str:
+        """`PASS|FAIL <case> <handler> worst=<err> tol=<tol> [detail]`, the checker's stdout format (the
+        component without spaces stands in for the handler where there is none)."""
         status = "PASS" if self.passed else "FAIL"
-        text = f"{status} {self.case} {self.component} worst={self.worst:.3e} tol={self.tol:.3e}"
+        name = self.handler or self.component.replace(" ", "")
+        text = f"{status} {self.case} {name} worst={self.worst:.3e} tol={self.tol:.3e}"
         return f"{text} {self.detail}" if self.detail else text
+
+    def to_json(self) -> dict:
+        """A JSON-safe record; non-finite errors become the strings "inf"/"nan", missing arrays null."""
+        return {
+            "case": self.case,
+            "component": self.component,
+            "handler": self.handler,
+            "passed": self.passed,
+            "worst": _json_float(self.worst),
+            "tol": _json_float(self.tol),
+            "detail": self.detail,
+            "errors": {name: None if err is None else _json_float(err) for name, err in self.errors.items()},
+        }
+
+
+def _json_float(x: float) -> float | str:
+    return float(x) if math.isfinite(x) else str(float(x))
 
 
 def load_case(path: str | pathlib.Path) -> Case:
@@ -124,16 +153,16 @@ def find_handler(component: str) -> tuple[str, str] | None:
 
 
 def run_case(path: str | pathlib.Path) -> CaseResult:
-    """Runs one case and compares every output (and every intermediate the handler returns)."""
+    """Runs one case and compares every output and every intermediate the fixture holds."""
     path = pathlib.Path(path)
     try:
         case = load_case(path)
     except Exception as e:  # noqa: BLE001 - reported as a failed case
-        return CaseResult(path.name, "?", False, float("inf"), 0.0, f"cannot load case: {e}")
-    found = find_handler(case.component)
+        return CaseResult(path.name, "?", None, False, float("inf"), 0.0, f"cannot load case: {e}")
+    component = str(case.component)
+    found = find_handler(component)
     if found is None:
-        component = case.component.replace(" ", "")
-        return CaseResult(case.name, component, False, float("inf"), case.tol, "unsupported component")
+        return _failed(case, None, "unsupported component")
     target, short = found
     module_name, fn_name = target.split(":")
     try:
@@ -141,41 +170,85 @@ def run_case(path: str | pathlib.Path) -> CaseResult:
     except ModuleNotFoundError as e:
         if e.name != module_name:
             raise
-        return CaseResult(case.name, short, False, float("inf"), case.tol, "unsupported component")
+        return _failed(case, None, "unsupported component")
     try:
         produced = handler(case)
     except Exception as e:  # noqa: BLE001
         tb = traceback.format_exc(limit=3).strip().splitlines()[-1]
-        return CaseResult(case.name, short, False, float("inf"), case.tol, f"error: {type(e).__name__}: {e} [{tb}]")
+        return _failed(case, short, f"error: {type(e).__name__}: {e} [{tb}]")
+    return compare(case, produced, short)
 
+
+def _failed(case: Case, handler: str | None, detail: str) -> CaseResult:
+    """A case that produced nothing: every output and intermediate is reported missing."""
+    errors = dict.fromkeys(case.roles("output") + case.roles("intermediate"))
+    return CaseResult(case.name, str(case.component), handler, False, float("inf"), case.tol, detail, errors)
+
+
+def compare(case: Case, produced: dict, handler: str) -> CaseResult:
+    """Checks a handler's arrays against the case: every output and intermediate must be present and within
+    tolerance. `worst` is the largest output error."""
+    errors: dict[str, float | None] = {}
     worst, worst_name, problems = 0.0, "", []
     for name in case.roles("output"):
         if name not in produced:
+            errors[name] = None
             problems.append(f"missing output {name}")
             continue
-        err = relative_error(produced[name], case[name])
+        err = errors[name] = relative_error(produced[name], case[name])
         if err > worst or not worst_name:
             worst, worst_name = err, name
         if not err <= case.tol:
             problems.append(f"{name} err={err:.3e} shape={np.shape(produced[name])} vs {case[name].shape}")
+    missing = []
     for name in case.roles("intermediate"):
-        if name in produced:
-            err = relative_error(produced[name], case[name])
-            if not err <= case.tol:
-                problems.append(f"{name} err={err:.3e}")
-    detail = f"(worst: {worst_name})" if not problems else "; ".join(problems)
-    return CaseResult(case.name, short, not problems, worst, case.tol, detail if problems else "")
+        if name not in produced:
+            errors[name] = None
+            missing.append(name)
+            continue
+        err = errors[name] = relative_error(produced[name], case[name])
+        if not err <= case.tol:
+            problems.append(f"{name} err={err:.3e}")
+    if missing:
+        problems.append(f"missing intermediate{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    return CaseResult(case.name, str(case.component), handler, not problems, worst, case.tol, "; ".join(problems),
+                      errors)
 
 
-def run_cases(paths, print_fn=print) -> tuple[int, int]:
-    """Runs each case, prints its result line, then the summary; returns (passed, failed)."""
-    passed = failed = 0
+def run_cases(paths, print_fn=print) -> list[CaseResult]:
+    """Runs each case, prints its result line, then the `N passed, M failed` summary; returns the results."""
+    results = []
     for p in paths:
         result = run_case(p)
         print_fn(result.line())
-        if result.passed:
-            passed += 1
-        else:
-            failed += 1
-    print_fn(f"{passed} passed, {failed} failed")
-    return passed, failed
+        results.append(result)
+    passed = sum(r.passed for r in results)
+    print_fn(f"{passed} passed, {len(results) - passed} failed")
+    return results
+
+
+def results_json(results: list[CaseResult]) -> dict:
+    """The `--json` report: the summary counts and one record per case (see `CaseResult.to_json`)."""
+    passed = sum(r.passed for r in results)
+    return {"passed": passed, "failed": len(results) - passed, "cases": [r.to_json() for r in results]}
+
+
+def write_text_atomic(path: str | pathlib.Path, text: str) -> None:
+    """Writes `text` to a temporary file next to `path`, then renames it over `path`, so readers never see
+    a half-written file."""
+    path = pathlib.Path(path)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, mode)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results_json(path: str | pathlib.Path, results: list[CaseResult]) -> None:
+    """Writes `results_json(results)` to `path` atomically."""
+    write_text_atomic(path, json.dumps(results_json(results), indent=2, allow_nan=False) + "\n")
