@@ -61,7 +61,7 @@ def step_flops(cfg, batch: int, latent_thw) -> float:
     """Matmul FLOPs of one step: forward + backward (2× forward), + one more forward with remat."""
     from bench.stdit3 import forward_flops
 
-    return forward_flops(cfg, batch, latent_thw) * (4 if cfg.remat else 3)
+    return forward_flops(cfg, batch, latent_thw) * (4 if cfg.remat != "nothing" else 3)
 
 
 def bench_one(args, dtype: str, remat: bool) -> dict:

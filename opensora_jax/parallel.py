@@ -11,7 +11,12 @@ Mesh axes
   tensor    Megatron-style model parallelism: attention heads and MLP hidden units split.
   sequence  Ulysses-style sequence parallelism for STDiT3: the spatial tokens S of the (B, T, S, C) activations
             are split; temporal attention then runs locally (each device owns whole frame columns) and spatial
-            self-attention switches to a heads split for the attention itself (an all-to-all each way).
+            self-attention runs under `shard_map` (`opensora_jax.models.sequence_parallel.ulysses_attention`):
+            an all-to-all turns q/k/v's S split into a heads split, attention runs on whole S for 1/n of the
+            heads, an all-to-all turns the output back. Where S or the heads per device (heads / tensor) do
+            not divide by the sequence size, the model keeps GSPMD constraints instead (`act_attn_heads`) and
+            lets XLA place the exchange. For a joint sequence whose heads do not divide (Open-Sora 2.0's
+            MMDiT) the same module has ring attention.
 
 Activation names (used by `constrain`; parameter names come from the models):
   act_batch       batch                           → ("data", "fsdp")
@@ -19,7 +24,8 @@ Activation names (used by `constrain`; parameter names come from the models):
   act_tokens      spatial tokens S = H'·W'        → "sequence"
   act_embed       hidden channels of activations  → replicated
   act_heads       heads outside spatial attention → "tensor"
-  act_attn_heads  heads inside spatial attention  → ("tensor", "sequence") (the Ulysses all-to-all)
+  act_attn_heads  heads inside spatial attention  → ("tensor", "sequence") (the GSPMD fallback of the Ulysses
+                  exchange, used only where the shard_map path does not fit)
   act_mlp         MLP hidden units                → "tensor"
   act_text        caption tokens L                → replicated
   act_vae_items   VAE work items (whole videos, temporal chunks, single frames) → every axis: the VAE has no
@@ -32,11 +38,15 @@ size 1 are dropped; a mesh axis already used by an earlier dimension is dropped;
 dimension is not divisible by the product of its mesh axes, the longest prefix of those axes that divides it
 is kept (possibly none: replicated). Each fallback is logged once.
 
-Known cost (measured with STDiT3-XL/2 at 720p, 51 frames, sequence=8): the model merges (T, S) into one token
-axis for cross-attention and (B, S) into one batch axis for temporal attention. A split S cannot be carried
-through such a reshape, so the partitioner moves data there: all-to-alls when T (resp. the local batch) divides
-evenly, full all-gathers of the activation otherwise. Attention written over the unmerged 4-D layout removes
-this and leaves only the two Ulysses all-to-alls per spatial block.
+Measured (compiled HLO of jax.grad of an MSE loss, STDiT3-XL/2 widths with depth 2 (the scanned block is the
+same), 720p, 15 latent frames, batch 2, sequence=8, 8 fake CPU devices): inside the layer scan the shard_map
+path communicates only its 8 all-to-alls of (B, T, S/8, heads, head_dim) blocks (q, k, v, o forward and their
+cotangents backward) and one all-reduce of (B, T, C) modulation gradients. The GSPMD constraint path (the
+fallback above) additionally all-gathers the full (B, T, S, C) qkv input and a full (B, T, S, heads,
+head_dim) tensor, all-reduces a full (B, T, S, C) activation, and all-to-alls attention-probability-sized
+(S/8 × S per head) tensors in the backward pass. (An earlier note here recorded all-gathers caused by
+merging (T, S) and (B, S) before attention; the model no longer merges them, and the shard_map path shows
+no all-gather of activations at all.) Timings on GPUs were not re-measured.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import inspect
 import logging
 import math
 import os
@@ -326,6 +337,24 @@ def logical_axis_size(entry: LogicalEntry, mesh: Mesh, rules: Mapping[str, MeshA
     rules = LOGICAL_AXIS_RULES if rules is None else rules
     mesh_shape = dict(mesh.shape)
     return math.prod(mesh_shape.get(axis, 1) for axis in dict.fromkeys(_mesh_axes_of(entry, rules)))
+
+
+def mesh_axis_size(mesh: Mesh | None, axis: str) -> int:
+    """Size of mesh axis `axis` (1 when `mesh` is None or has no such axis)."""
+    return 1 if mesh is None else dict(mesh.shape).get(axis, 1)
+
+
+def shard_map(f, *, mesh: Mesh, in_specs, out_specs, check_vma: bool = True):
+    """`jax.shard_map` where this jax has it, else `jax.experimental.shard_map.shard_map`.
+
+    Every mesh axis is manual inside `f`; `check_vma` is passed under whichever name the installed jax uses
+    (`check_vma`, formerly `check_rep`).
+    """
+    impl = getattr(jax, "shard_map", None)
+    if impl is None:
+        from jax.experimental.shard_map import shard_map as impl
+    check = "check_vma" if "check_vma" in inspect.signature(impl).parameters else "check_rep"
+    return impl(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **{check: check_vma})
 
 
 def constrain_on(

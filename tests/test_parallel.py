@@ -238,6 +238,33 @@ def test_sharded_forward_and_step_match_single_device(spec, reference):
     _assert_layout(got["model"], got["optimizer"], mesh)
 
 
+def _forward(model, inputs, mesh=None):
+    fn = jax.jit(lambda m, inputs: m(**inputs), compiler_options=_FAST_COMPILE)
+    if mesh is None:
+        return fn(model, inputs), None
+    with parallel.sharding_context(mesh):
+        return fn(model, inputs), str(jax.make_jaxpr(lambda m, inputs: m(**inputs))(model, inputs))
+
+
+@pytest.mark.parametrize(
+    "spec, height, ulysses",
+    [
+        ("sequence=8", HEIGHT, True),  # S = 16 tokens, 8 heads: Ulysses under shard_map
+        ("sequence=8", 6, False),  # S = 3·4 = 12 does not divide by 8: GSPMD constraints, S replicated
+    ],
+)
+def test_spatial_attention_sequence_paths_match_single_device(spec, height, ulysses):
+    """sequence=8 runs spatial attention as Ulysses under shard_map when S and the heads divide, else falls back
+    to the GSPMD constraints; both equal one device (the full train step under sequence=8 is compared above)."""
+    model, (inputs, _) = _model(), _inputs()
+    inputs = dict(inputs, x=inputs["x"][:, :, :height], height=jnp.full((BATCH,), height * 8.0))
+    expected, _ = _forward(model, inputs)
+    mesh = parallel.make_mesh(spec)
+    got, jaxpr = _forward(parallel.shard_params(model, mesh), parallel.shard_batch(inputs, mesh), mesh)
+    _assert_close(got, expected, what="forward")
+    assert ("all_to_all" in jaxpr) == ulysses and ("shard_map" in jaxpr) == ulysses
+
+
 def _at(tree, path):
     for entry in path:
         tree = tree[entry.key]

@@ -1,5 +1,6 @@
 """The memory planner: compiles a tiny STDiT3 on abstract arrays over the 8 fake CPU devices of conftest."""
 
+import dataclasses
 import json
 
 import pytest
@@ -12,8 +13,8 @@ TINY = STDiT3Config(depth=1, hidden_size=64, num_heads=8, caption_channels=32, m
 VIDEO = dict(resolution="144p", aspect_ratio="9:16", num_frames=17)  # latent (5, 18, 32, 4)
 
 
-def _plan(mesh: str, train: bool, batch: int) -> plan.PlanResult:
-    return plan.plan(plan.PlanSpec(model=TINY, mesh=mesh, train=train, batch=batch, steps=1, **VIDEO))
+def _plan(mesh: str, train: bool, batch: int, **kwargs) -> plan.PlanResult:
+    return plan.plan(plan.PlanSpec(model=TINY, mesh=mesh, train=train, batch=batch, steps=1, **VIDEO, **kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def test_sampling_plan_shrinks_per_device_memory(sampling):
     assert single.devices == 1 and sharded.devices == 8
     assert single.model_batch == 2  # classifier-free guidance doubles the batch
     assert single.video.latent == (5, 18, 32, 4) and single.video.tokens == (5, 144)
-    assert single.param_dtype == "bfloat16" and not single.remat
+    assert single.param_dtype == "bfloat16" and single.remat == "nothing"  # no backward pass to remat
     assert sharded.activation_spec == "P('fsdp', None, 'sequence', None)"
     assert sharded.notes == ()
     assert 0 < sharded.memory.peak < single.memory.peak
@@ -40,7 +41,7 @@ def test_sampling_plan_shrinks_per_device_memory(sampling):
 
 def test_training_plan_shrinks_per_device_memory(training):
     single, sharded = training["data=1"], training["fsdp=8"]
-    assert single.param_dtype == "float32" and single.dtype == "bfloat16" and single.remat
+    assert single.param_dtype == "float32" and single.dtype == "bfloat16" and single.remat == "everything"
     # params + two AdamW moments + EMA in float32, all split 8 ways under fsdp (norm scales are tiny and replicated)
     state_bytes = 4 * 4 * single.params
     assert single.memory.arguments >= state_bytes
@@ -48,6 +49,28 @@ def test_training_plan_shrinks_per_device_memory(training):
     assert single.memory.aliased > 0.9 * state_bytes  # the donated state is updated in place
     assert 0 < sharded.memory.peak < single.memory.peak
     assert sharded.memory.temporaries < single.memory.temporaries  # batch 8 split over fsdp
+
+
+def test_remat_policies_trade_memory():
+    """Recomputing everything needs the least, keeping the matmul outputs more, no remat the most (with two
+    layers: one layer's backward holds its own forward whatever the policy)."""
+    two_layers = dataclasses.replace(TINY, depth=2)
+    results = {remat: plan.plan(plan.PlanSpec(model=two_layers, train=True, remat=remat, **VIDEO))
+               for remat in ("everything", "dots", "nothing")}
+    assert {name: r.remat for name, r in results.items()} == {name: name for name in results}
+    temps = {name: r.memory.temporaries for name, r in results.items()}
+    assert temps["everything"] < temps["dots"] < temps["nothing"], temps
+    assert "remat dots" in plan.format_report(results["dots"])
+
+
+def test_model_config_takes_remat_and_attention():
+    train, sample = plan.PlanSpec(model=TINY, train=True), plan.PlanSpec(model=TINY, remat="dots")
+    assert plan.model_config(train).remat == "everything" and plan.model_config(sample).remat == "nothing"
+    assert plan.model_config(dataclasses.replace(train, remat="dots")).remat == "dots"
+    assert plan.PlanSpec(remat=True).remat == "everything" and plan.PlanSpec(remat=False).remat == "nothing"
+    assert plan.model_config(train).attention == TINY.attention  # None keeps the model's own
+    assert plan.model_config(dataclasses.replace(train, attention="xla")).attention == "xla"
+    assert plan.model_config(plan.PlanSpec()).attention == STDiT3Config().attention
 
 
 def test_report_and_json(sampling, tmp_path):
@@ -85,6 +108,8 @@ def test_notes_explain_replicated_activations():
         (dict(mesh="data=-1"), "give the device count"),
         (dict(mesh="fsdp=4", devices=8), "spans 4 devices but --devices is 8"),
         (dict(mesh="fsdp=8,sequence=8"), "needs 64 devices but jax has 8"),
+        (dict(remat="some"), "remat 'some' unknown"),
+        (dict(attention="nope"), "attention 'nope'"),
     ],
 )
 def test_bad_specs_fail_clearly(kwargs, message):
@@ -102,6 +127,9 @@ def test_bad_specs_fail_clearly(kwargs, message):
         (["--dtype", "int8"], "invalid choice: 'int8'"),
         (["--table", "--table-devices", "1,16"], "no table mesh for 16 devices"),
         (["--mesh", "tensor=3,data=-1", "--devices", "8"], "does not divide the 8 available"),
+        (["--remat", "all"], "invalid choice: 'all'"),
+        (["--table", "--table-remat", "everything,some"], "remat 'some' unknown"),
+        (["--attention", "nope"], "attention 'nope'"),
     ],
 )
 def test_cli_errors_are_usage_errors(argv, message, capsys):
@@ -117,7 +145,7 @@ def test_help_explains_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--model", "--resolution", "--aspect-ratio", "--num-frames", "--mesh", "--train", "--batch",
                  "--dtype", "--devices", "--steps", "--json", "--table", "--table-modes", "--table-resolutions",
-                 "--table-devices"):
+                 "--table-devices", "--table-remat", "--remat", "--attention"):
         assert flag in text
 
 
@@ -137,3 +165,16 @@ def test_table_specs():
     assert [(s.mesh, s.batch, s.train) for s in specs] == [
         ("data=1", 1, True), ("fsdp=8", 8, True), ("fsdp=8,sequence=8", 8, True)]
     assert all(s.batch == 1 for s in plan_table.table_specs(modes=("sample",)))
+    assert not plan_table.shows_remat(specs)
+
+
+def test_table_rows_per_remat_policy(sampling, training):
+    specs = plan_table.table_specs(resolutions=("240p",), devices=(8,), remats=("everything", "dots", "nothing"),
+                                   attention="xla")
+    assert [(s.mode, s.remat) for s in specs] == [
+        ("sample", "everything"), ("train", "everything"), ("train", "dots"), ("train", "nothing")]
+    assert all(s.attention == "xla" for s in specs) and plan_table.shows_remat(specs)
+    header, align = plan_table.table_header(remat_column=True)
+    assert "| Batch | Remat | Arguments |" in header and align.count("|") == header.count("|")
+    assert "| 1 (CFG 2) | — | " in plan_table.table_row(sampling["data=1"], remat_column=True)
+    assert "| 8 | everything | " in plan_table.table_row(training["fsdp=8"], remat_column=True)

@@ -102,6 +102,7 @@ def test_no_qk_norm_other_mlp_ratio_head_dim_72():
     assert out.shape[-1] == 8
 
 
+@pytest.mark.slow  # long-running; `pytest -m slow`
 def test_bfloat16_close_to_float32():
     f32 = _model()
     bf16 = _model(dtype="bfloat16", param_dtype="bfloat16")

@@ -194,6 +194,7 @@ def test_chunked_encode_decode_match_per_chunk_reference(small_model):
     np.testing.assert_allclose(z1, z[1:], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # long-running; `pytest -m slow`
 def test_micro_batching_and_short_video(small_model):
     """Frame micro-batches are memory-only; a video shorter than one chunk is a single short chunk."""
     m = small_model
@@ -211,6 +212,7 @@ def test_micro_batching_and_short_video(small_model):
     np.testing.assert_array_equal(sampled, m.encode(video, sample_key=jax.random.key(0)))
 
 
+@pytest.mark.slow  # long-running; `pytest -m slow`
 def test_peak_memory_flat_in_frame_count(small_model):
     """Compiled working memory (beyond arguments and output) does not grow with the number of chunks."""
     graphdef, state = nnx.split(small_model)

@@ -28,7 +28,7 @@ def get_config():
     c.model = ml_collections.ConfigDict(dict(depth=3, hidden_size=96, num_heads=4, caption_channels=64,
                                              model_max_length=16, qk_norm=True))
     c.dtype = "float32"
-    c.remat = False
+    c.remat = "nothing"
     c.freeze_y_embedder = False  # trained from scratch: the caption projection must learn too
     c.data.features = "outputs/demo_features"
     c.data.num_workers = 0

@@ -12,7 +12,7 @@ def get_config():
     c.model = ml_collections.ConfigDict(dict(depth=2, hidden_size=64, num_heads=4, caption_channels=32,
                                              model_max_length=16, qk_norm=True))
     c.dtype = "float32"
-    c.remat = False
+    c.remat = "nothing"  # everything | dots | nothing (see train_common.py)
     c.vae_dtype = "float32"
     c.data.csv = "data/synthetic/train.csv"
     c.data.bucket_config = "synthetic"

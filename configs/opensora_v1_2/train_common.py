@@ -25,8 +25,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.from_pretrained = ""
     c.dtype = "bfloat16"
     c.param_dtype = "float32"
-    c.remat = True
-    c.attention = "xla"  # xla | cudnn (NVIDIA GPU, bf16/fp16) | splash (TPU); otherwise falls back to xla
+    # Per-block rematerialisation: "everything" (recompute each block in the backward pass; least memory),
+    # "dots" (keep the projection/MLP matmul outputs: less recompute, more memory), "nothing" (off).
+    # Typed `object` so that configs which still say True / False (everything / nothing) load.
+    c.remat = ml_collections.FieldReference("everything", field_type=object)
+    c.attention = "auto"  # auto (picks per backend) | blockwise | xla | cudnn | splash: models/attention.py
     c.mesh = ""  # device mesh, e.g. "fsdp=8" or "data=-1,fsdp=8"; empty = one device
     c.freeze_y_embedder = True
     c.only_train_temporal = False

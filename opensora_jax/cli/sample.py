@@ -53,8 +53,9 @@ FLAGS = {
     "--num-sample": ("num_sample", int, "videos per prompt (default 1)"),
     "--out-dir": ("out_dir", str, "where videos, sidecars and config.json go (default samples/)"),
     "--dtype": ("dtype", str, "STDiT3 and VAE dtype: bfloat16 (default, as the reference) or float32; T5 runs in float32"),
-    "--attention": ("attention", str, "attention kernel: xla (default), cudnn (NVIDIA GPUs, bfloat16) or splash (TPUs); "
-                   "where the kernel is unavailable, xla runs and a warning says why"),
+    "--attention": ("attention", str, "attention: auto (default: in bfloat16 cudnn on NVIDIA GPUs, splash on TPUs; "
+                   "blockwise otherwise), blockwise (memory-efficient, pure JAX), xla (naive), cudnn or splash; "
+                   "where a kernel is unavailable, auto's choice runs and a warning says why"),
     "--mesh": ("mesh", str, "device mesh, e.g. 'sequence=8' (sequence parallel over 8 GPUs) or 'data=2,sequence=4'; "
                "axes data/fsdp/tensor/sequence, -1 fills the rest; default: one device"),
     "--stdit3": ("stdit3", str, "STDiT3 checkpoint: a converted directory, the reference's safetensors, or a hub id in the local cache"),

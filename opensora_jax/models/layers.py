@@ -1,4 +1,5 @@
-"""Shared building blocks: parameters with logical axis names, dense layers, norms, attention, embedders.
+"""Shared building blocks: parameters with logical axis names, dense layers, norms, embedders (attention lives
+in opensora_jax.models.attention).
 
 Parameters carry logical axis names (metadata `out_sharding`, e.g. ("embed", "mlp")); the mapping of
 those names onto mesh axes lives in one place (opensora_jax.parallel). Modules never place or shard
@@ -7,15 +8,12 @@ anything themselves, so variables are created with eager sharding off.
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-from opensora_jax.models import splash
 
 Initializer = Callable[..., jax.Array]
 
@@ -119,112 +117,3 @@ def rope_interleaved(x: jax.Array, freqs: jax.Array) -> jax.Array:
     pairs = x.reshape(*x.shape[:-1], head_dim // 2, 2)
     rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
     return x * jnp.cos(angles) + rotated * jnp.sin(angles)
-
-
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
-
-log = logging.getLogger(__name__)
-_warned: set[tuple] = set()
-
-
-def _warn_once(key: tuple, message: str) -> None:
-    """Logs `message` the first time `key` is seen in this process (fallbacks are decided at every trace)."""
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(message)
-
-
-def _backend() -> str:
-    """jax's default backend; one function so tests can pretend to be on another platform."""
-    return jax.default_backend()
-
-
-def _on_cuda_gpu() -> bool:
-    if _backend() != "gpu":
-        return False
-    try:
-        version = jax.devices()[0].client.platform_version
-    except AttributeError:  # cannot tell CUDA from ROCm here: let cuDNN report for itself
-        return True
-    return "cuda" in version.lower()
-
-
-def _multi_device_mesh() -> bool:
-    get_mesh = getattr(jax.sharding, "get_abstract_mesh", None)
-    mesh = None if get_mesh is None else get_mesh()
-    return mesh is not None and not mesh.empty and mesh.size > 1
-
-
-def _resolve_attention(implementation: str, q: jax.Array, kv_len: int) -> str:
-    """The implementation that actually runs: `implementation`, or `xla` (warning once) where its kernel is
-    not available or not worth it. Decided at trace time; every fallback says once what ran instead and why."""
-    if implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation {implementation!r} unknown; choose one of {ATTENTION_IMPLEMENTATIONS}")
-    backend = _backend()
-    if implementation == "cudnn":
-        if not _on_cuda_gpu():
-            _warn_once(("cudnn", backend), f"cudnn attention needs an NVIDIA GPU; using xla attention on {backend}")
-            return "xla"
-        if q.dtype not in (jnp.bfloat16, jnp.float16):
-            _warn_once(("cudnn", q.dtype.name),
-                       f"cudnn attention needs bfloat16 or float16 inputs, got {q.dtype.name}; using xla attention")
-            return "xla"
-    if implementation == "splash":
-        if splash.interpret_forced():
-            return "splash"
-        if backend != "tpu":
-            _warn_once(("splash", backend), f"splash attention needs a TPU; using xla attention on {backend}")
-            return "xla"
-        if not splash.kernel_available():
-            _warn_once(("splash", "missing"), f"jax {jax.__version__} has no Pallas splash attention kernel "
-                       "(jax.experimental.pallas.ops.tpu.splash_attention); using xla attention")
-            return "xla"
-        if _multi_device_mesh():
-            _warn_once(("splash", "mesh"), "splash attention is not wrapped in shard_map for multi-device meshes "
-                       "yet (a Pallas TPU kernel cannot be auto-partitioned); using xla attention")
-            return "xla"
-        if kv_len < splash.MIN_KERNEL_KV_LEN:  # e.g. temporal attention: padding to a 128 block costs more
-            _warn_once(("splash", "short"), f"splash attention runs only on key sequences of at least "
-                       f"{splash.MIN_KERNEL_KV_LEN} tokens (padding shorter ones to a {splash.LANES}-token block "
-                       f"costs more than it saves); using xla attention for {kv_len} keys and any other "
-                       "short key sequence")
-            return "xla"
-    return implementation
-
-
-def dot_product_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    key_mask: jax.Array | None = None,
-    implementation: str = "xla",
-) -> jax.Array:
-    """Softmax attention over layout (..., L, heads, head_dim); returns q's shape.
-
-    Leading dims of k/v (and `key_mask`, (..., Lk) bool, False = masked out) broadcast against q's, so
-    callers never merge (possibly sharded) leading axes into one batch axis.
-    `xla`: q is scaled by head_dim**-0.5 before q·k and the softmax runs in float32, as in the
-    reference's non-flash path. `cudnn`: jax.nn.dot_product_attention's cuDNN kernel (NVIDIA GPUs,
-    bfloat16/float16). `splash`: JAX's Pallas splash-attention kernel (TPU; see opensora_jax.models.splash),
-    used for key sequences of at least 128 tokens on one device. Where the chosen kernel is not available
-    (another backend or dtype, a multi-device mesh for splash) or, for splash, the keys are too few to be worth
-    it, the `xla` path runs and a warning saying so is logged once per reason.
-    """
-    implementation = _resolve_attention(implementation, q, k.shape[-3])
-    scale = q.shape[-1] ** -0.5
-    if implementation == "splash":
-        return splash.splash_attention(q, k, v, key_mask, interpret=jax.default_backend() != "tpu")
-    if implementation == "cudnn":
-        lead = q.shape[:-3]
-        k, v = (jnp.broadcast_to(a, (*lead, *a.shape[-3:])).reshape(-1, *a.shape[-3:]) for a in (k, v))
-        mask = None
-        if key_mask is not None:
-            mask = jnp.broadcast_to(key_mask, (*lead, key_mask.shape[-1])).reshape(-1, 1, 1, key_mask.shape[-1])
-        out = jax.nn.dot_product_attention(q.reshape(-1, *q.shape[-3:]), k, v, mask=mask, scale=scale,
-                                           implementation="cudnn")
-        return out.reshape(q.shape)
-    logits = jnp.einsum("...qhd,...khd->...hqk", q * jnp.asarray(scale, q.dtype), k).astype(jnp.float32)
-    if key_mask is not None:
-        logits = jnp.where(key_mask[..., None, None, :], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("...hqk,...khd->...qhd", weights, v)

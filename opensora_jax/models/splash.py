@@ -1,13 +1,14 @@
 """Splash attention: JAX's Pallas TPU kernel (`jax.experimental.pallas.ops.tpu.splash_attention`) behind the
-(..., L, heads, head_dim) layout of `opensora_jax.models.layers.dot_product_attention`.
+(..., L, heads, head_dim) layout of `opensora_jax.models.attention.dot_product_attention`.
 
 `splash_attention` always runs the kernel: compiled by Mosaic on a TPU, or with `interpret=True` through
-Pallas' interpreter on any backend (CPU tests). Choosing when to use it (TPU only, long enough key sequences,
-one device) is `layers.dot_product_attention`'s job, which warns once for each reason it falls back to `xla`;
-`interpret_mode()` forces the interpreted kernel there so tests can run whole models through it on CPU.
+Pallas' interpreter on any backend (CPU tests). Choosing when to use it (TPU only, long enough key sequences)
+and wrapping it in `shard_map` on a multi-device mesh is `attention.dot_product_attention`'s job, which warns
+once for each reason an explicit `splash` falls back; `interpret_mode()` forces the interpreted kernel there so
+tests can run whole models through it on CPU.
 
 What the wrapper does around the kernel, which works on one example of (heads, L, head_dim):
-* Leading dims broadcast as in the `xla` path. Trailing leading dims over which k, v and the key mask are
+* Leading dims broadcast as in the other attention paths. Trailing leading dims over which k, v and the key mask are
   constant (size 1), e.g. the frames T of STDiT3's cross-attention, are folded into the query sequence instead
   of broadcasting k/v; the remaining ones are flattened into one batch axis that the kernel is vmapped over.
 * q is scaled by head_dim**-0.5 before the kernel (the kernel does not scale), in q's dtype as the `xla` path.
@@ -32,9 +33,9 @@ import jax.numpy as jnp
 
 LANES = 128  # the kernel's block sizes must be multiples of the TPU lane width
 MAX_BLOCK = 512
-# Key sequences shorter than this go through the `xla` path even with attention="splash" (with a one-time
-# warning): padding them to a 128-lane block multiplies the work, and their logits are small anyway (STDiT3's
-# temporal attention, L = T).
+# Key sequences shorter than this take another path even with attention="splash" (with a one-time warning):
+# padding them to a 128-lane block multiplies the work, and their logits are small anyway (STDiT3's temporal
+# attention, L = T).
 MIN_KERNEL_KV_LEN = LANES
 
 _INTERPRET: contextvars.ContextVar[bool] = contextvars.ContextVar("opensora_splash_interpret", default=False)
@@ -43,7 +44,7 @@ _INTERPRET: contextvars.ContextVar[bool] = contextvars.ContextVar("opensora_spla
 @contextlib.contextmanager
 def interpret_mode() -> Iterator[None]:
     """Within the block (at trace time), attention="splash" runs the kernel on any backend (through Pallas'
-    interpreter off TPU) and for any key length, instead of falling back to `xla`. For tests."""
+    interpreter off TPU) and for any key length, instead of falling back. For tests."""
     token = _INTERPRET.set(True)
     try:
         yield
@@ -102,7 +103,11 @@ def _kernel(heads: int, q_len: int, kv_len: int, block_q: int, block_kv: int, in
         block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
         use_fused_bwd_kernel=True,
     )
-    return kernel_lib.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+    # Evaluated eagerly even when first asked for inside a trace: the kernel holds arrays (its block masks), and
+    # a cached kernel whose arrays were tracers of one trace would leak them into the next.
+    with jax.ensure_compile_time_eval():
+        return kernel_lib.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                                          interpret=interpret)
 
 
 def _lead(a: jax.Array, trailing: int, ndim: int) -> tuple[int, ...]:
@@ -121,7 +126,7 @@ def splash_attention(
 ) -> jax.Array:
     """Softmax attention over layout (..., L, heads, head_dim) through the splash kernel.
 
-    Same contract as `layers.dot_product_attention(..., implementation="xla")`: leading dims of q, k, v and
+    Same contract as `attention.dot_product_attention(..., implementation="xla")`: leading dims of q, k, v and
     `key_mask` ((..., Lk) bool, False = masked out) broadcast; returns (*broadcast leading dims, Lq, heads, d).
     """
     lq, heads, d = q.shape[-3:]

@@ -20,11 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from opensora_jax.models.attention import ATTENTION_IMPLEMENTATIONS, dot_product_attention, valid_first
 from opensora_jax.models.layers import (
-    ATTENTION_IMPLEMENTATIONS,
     Dense,
     buffer,
-    dot_product_attention,
     gelu_tanh,
     layer_norm,
     param,
@@ -32,6 +31,7 @@ from opensora_jax.models.layers import (
     rope_interleaved,
     sinusoidal_embedding,
 )
+from opensora_jax.models.sequence_parallel import sequence_parallel_mesh, ulysses_attention
 from opensora_jax.parallel import constrain
 from opensora_jax.errors import UserError
 
@@ -45,6 +45,26 @@ _KERNEL_ONLY_FIELDS = ("enable_flash_attn", "enable_layernorm_kernel", "enable_s
 _ACT = ("act_batch", "act_frames", "act_tokens", "act_embed")
 _SPATIAL_HEADS = ("act_batch", "act_frames", None, "act_attn_heads", None)
 _SPATIAL_OUT = ("act_batch", "act_frames", "act_tokens", "act_heads", None)
+
+# Rematerialisation of each (spatial, temporal) block pair in the backward pass, by what the forward keeps:
+# "everything" recomputes the whole block (least memory), "dots" keeps the outputs of the weight matmuls
+# (dot_generals without batch dimensions: projections and MLP, linear in the tokens) and recomputes the rest;
+# attention's q·k and p·v dots have batch dimensions (batch, heads), so the S² logits are never kept.
+# "nothing" turns remat off. Configs written before the names existed say True / False.
+REMAT_POLICIES = {
+    "everything": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nothing": None,
+}
+
+
+def remat_policy_name(value) -> str:
+    """The remat policy name of a config value: a name of REMAT_POLICIES, or True/False (everything/nothing)."""
+    if isinstance(value, bool):
+        return "everything" if value else "nothing"
+    if not isinstance(value, str) or value not in REMAT_POLICIES:
+        raise UserError(f"remat {value!r} unknown; choose one of {', '.join(REMAT_POLICIES)} (or True / False)")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +91,11 @@ class STDiT3Config:
     # JAX execution settings (not part of the reference config).
     dtype: str = "float32"
     param_dtype: str = "float32"
-    attention: str = "xla"
-    remat: bool = False
+    attention: str = "auto"  # opensora_jax.models.attention.ATTENTION_IMPLEMENTATIONS
+    remat: str = "nothing"  # a REMAT_POLICIES name; True / False still load, as "everything" / "nothing"
 
     def __post_init__(self):
+        object.__setattr__(self, "remat", remat_policy_name(self.remat))
         if self.hidden_size % self.num_heads:
             raise UserError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:
@@ -171,14 +192,22 @@ class SelfAttention(nnx.Module):
         qkv = jnp.einsum("bald,dthk->tbalhk", x, self.qkv_kernel[...].astype(dt))
         qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None, None]
         q, k, v = qkv[0], qkv[1], qkv[2]
-        if rope_freqs is None:  # spatial attention: all-to-all from a tokens split to a heads split
+        # Spatial attention with a split S: Ulysses under shard_map where the shapes allow, else GSPMD constraints
+        # from a tokens split to a heads split and back (XLA inserts the all-to-alls).
+        ulysses_mesh = sequence_parallel_mesh(q.shape) if rope_freqs is None else None
+        gspmd_spatial = rope_freqs is None and ulysses_mesh is None
+        if gspmd_spatial:
             q, k, v = (constrain(a, _SPATIAL_HEADS) for a in (q, k, v))
         if self.cfg.qk_norm:
             q, k = rms_norm(q, self.q_norm[...]), rms_norm(k, self.k_norm[...])
         if rope_freqs is not None:
             q, k = rope_interleaved(q, rope_freqs), rope_interleaved(k, rope_freqs)
-        o = dot_product_attention(q, k, v, implementation=self.cfg.attention)
-        if rope_freqs is None:  # and back to a tokens split before the output projection
+
+        def attend(q, k, v, key_mask=None):
+            return dot_product_attention(q, k, v, key_mask=key_mask, implementation=self.cfg.attention)
+
+        o = attend(q, k, v) if ulysses_mesh is None else ulysses_attention(q, k, v, attend, mesh=ulysses_mesh)
+        if gspmd_spatial:
             o = constrain(o, _SPATIAL_OUT)
         return jnp.einsum("balhk,hkd->bald", o, self.proj_kernel[...].astype(dt)) + self.proj_bias[...].astype(dt)
 
@@ -203,10 +232,14 @@ class CrossAttention(nnx.Module):
     def __call__(self, x: jax.Array, y: jax.Array, y_mask: jax.Array) -> jax.Array:
         """x: (B, T, S, hidden), y: (B, L, hidden), y_mask: (B, L) bool → (B, T, S, hidden)."""
         dt = x.dtype
+        # Valid tokens first (as the reference packs them), so the mask is a prefix given by lengths (cuDNN takes
+        # those instead of a dense mask); the keys' order does not change attention.
+        order, lengths = valid_first(y_mask)
+        y = jnp.take_along_axis(y, order[..., None], axis=1)
         q = jnp.einsum("btsd,dhk->btshk", x, self.q_kernel[...].astype(dt)) + self.q_bias[...].astype(dt)
         kv = jnp.einsum("bld,dthk->tblhk", y, self.kv_kernel[...].astype(dt)) + self.kv_bias[...].astype(dt)[:, None, None]
         k, v = kv[0][:, None], kv[1][:, None]  # (B, 1, L, h, d): broadcast over frames
-        o = dot_product_attention(q, k, v, key_mask=y_mask[:, None, :], implementation=self.cfg.attention)
+        o = dot_product_attention(q, k, v, key_lengths=lengths[:, None], implementation=self.cfg.attention)
         return jnp.einsum("btshk,hkd->btsd", o, self.proj_kernel[...].astype(dt)) + self.proj_bias[...].astype(dt)
 
 
@@ -529,8 +562,8 @@ class STDiT3(nnx.Module):
             t = pair.temporal(s, y, y_mask, mod, rope_freqs, None if key is None else keep_scale(rate, key[1]))
             return t, ((s, t) if collect else None)
 
-        if cfg.remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        if cfg.remat != "nothing":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat])
         h, outs = jax.lax.scan(body, h, (state, rates, keys))
         return h, (outs if collect else (None, None))
 

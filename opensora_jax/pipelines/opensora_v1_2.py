@@ -41,7 +41,7 @@ class Pipeline:
         self.mesh = mesh
 
     @classmethod
-    def from_checkpoints(cls, *, stdit3, vae, t5, tokenizer=None, dtype="bfloat16", attention="xla",
+    def from_checkpoints(cls, *, stdit3, vae, t5, tokenizer=None, dtype="bfloat16", attention="auto",
                          scheduler: dict | None = None, mesh=None, load: ModelLoader = load_model) -> "Pipeline":
         """Loads each model through `load` (default: converted directories written by `python -m convert`;
         the CLIs pass `convert.load_model`, which also reads the reference's weights).

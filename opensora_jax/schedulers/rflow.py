@@ -94,8 +94,9 @@ class RFlowSampler:
 
         height/width/num_frames/fps: (B,) pixel sizes, pixel frame count and fps. `cond_mask` (B, T)
         float: 1 = generate, 0 = keep the frame of `z` fixed, in between = edit strength; conditioned
-        frames are re-noised from draws of `key` (or from `noise`, (steps, B, T, H, W, C), to replay
-        recorded draws). The unconditional branch uses the model's learned null caption with the
+        frames are re-noised with step i's draw `normal(fold_in(key, i), z.shape)`, made inside the loop so
+        memory does not grow with the steps (or with `noise[i]` of `noise`, (steps, B, T, H, W, C), to
+        replay recorded draws). The unconditional branch uses the model's learned null caption with the
         conditional prompts' mask. `progress` shows a bar ticking once per denoising step (from inside
         the compiled loop). Returns z (float32), plus a per-step trace dict if `return_trace`.
         """
@@ -103,14 +104,14 @@ class RFlowSampler:
         if cond_mask is not None and key is None and noise is None:
             raise ValueError("cond_mask needs `key` (or recorded `noise`) for re-noising conditioned frames")
         timesteps = self.timesteps(height, width, num_frames, b)
-        if noise is None and cond_mask is not None:
-            noise = jax.random.normal(key, (self.num_sampling_steps, *z.shape), jnp.float32)
+        if noise is not None or cond_mask is None:
+            key = None  # recorded draws replace the key's; without a cond_mask nothing is re-noised
         graphdef, state = nnx.split(model)
         scale = self.cfg_scale if cfg_scale is None else cfg_scale
         extras = dict(height=jnp.asarray(height), width=jnp.asarray(width), fps=jnp.asarray(fps))
         with _StepProgress(self.num_sampling_steps, enabled=progress):
             z_final, trace = _denoise(graphdef, state, z.astype(jnp.float32), y, mask, timesteps,
-                                      self.step_sizes(timesteps), noise, cond_mask, jnp.float32(scale), extras,
+                                      self.step_sizes(timesteps), key, noise, cond_mask, jnp.float32(scale), extras,
                                       self.num_timesteps, return_trace, progress)
             z_final = jax.block_until_ready(z_final)
         return (z_final, {"timesteps": timesteps, **trace}) if return_trace else z_final
@@ -146,20 +147,29 @@ class _StepProgress:
                 active.bar.update(1)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 11, 12, 13))
-def _denoise(graphdef, state, z, y, mask, timesteps, dts, noise, cond_mask, cfg_scale, extras, num_timesteps, trace,
-             progress):
-    """All steps in one lax.scan; the model call is inside the loop body (traced once)."""
+def _step_noise(key, step_index, recorded, shape) -> jax.Array:
+    """One step's re-noising draw: the recorded one when replaying, else drawn from fold_in(key, step)."""
+    if recorded is not None:
+        return recorded
+    return jax.random.normal(jax.random.fold_in(key, step_index), shape, jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 12, 13, 14))
+def _denoise(graphdef, state, z, y, mask, timesteps, dts, key, noise, cond_mask, cfg_scale, extras, num_timesteps,
+             trace, progress):
+    """All steps in one lax.scan; the model call is inside the loop body (traced once). `noise`, when given,
+    holds every step's draw; otherwise each step draws its own from `key`."""
     model = nnx.merge(graphdef, state)
     b = z.shape[0]
     y_both = jnp.concatenate([y.astype(jnp.float32), model.null_caption(b).astype(jnp.float32)])
 
     def step(carry, xs):
         z, noise_added = carry
-        t, dt, eps = xs
+        t, dt, step_index, recorded = xs
         x0 = z
         x_mask = None
         if cond_mask is not None:
+            eps = _step_noise(key, step_index, recorded, z.shape)
             mask_t = cond_mask * num_timesteps
             upper = mask_t >= t[:, None]
             ratio = (1 - t / num_timesteps)[:, None, None, None, None]
@@ -183,6 +193,6 @@ def _denoise(graphdef, state, z, y, mask, timesteps, dts, noise, cond_mask, cfg_
         return (z_new, noise_added), record
 
     noise_added = None if cond_mask is None else cond_mask == 1
-    xs = (timesteps, dts, noise)
+    xs = (timesteps, dts, jnp.arange(timesteps.shape[0]), noise)
     (z, _), records = jax.lax.scan(step, (z, noise_added), xs)
     return z, records

@@ -6,11 +6,14 @@ Nothing is allocated: the model is built with `nnx.eval_shape`, the optimizer st
 
   sampling  `RFlowSampler.sample` as the pipeline calls it (text-to-video: a cond_mask of ones), i.e. the
             whole denoising loop — every step inside one `lax.scan` — with classifier-free guidance, so
-            each model call sees a batch of 2·B. The loop body is traced once, so the number of steps
-            changes only the (steps, B, T, H, W, C) noise draws, not the per-step memory.
+            each model call sees a batch of 2·B. The loop body is traced once and draws its own noise, so
+            the number of steps does not change the memory.
   training  one `opensora_jax.training.state.train_step` (float32 master params, AdamW moments and EMA,
-            compute in the plan's dtype, remat on, default StepConfig: no frame-conditioning masks), with the
-            train state donated.
+            compute in the plan's dtype, the plan's remat policy, default StepConfig: no frame-conditioning
+            masks), with the train state donated.
+
+Both use the plan's attention implementation (default: the model's default; `xla` reproduces the figures
+made before blockwise attention).
 
 The mesh is made of fake CPU devices (the CLI asks XLA for enough of them before jax starts its backend), so
 the numbers are XLA's CPU buffer assignment: fusion and scheduling differ per backend, so treat them as
@@ -36,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from opensora_jax import parallel, presets
-from opensora_jax.models.stdit3 import PRESETS, STDiT3, STDiT3Config, preset
+from opensora_jax.models.stdit3 import PRESETS, REMAT_POLICIES, STDiT3, STDiT3Config, preset, remat_policy_name
 from opensora_jax.schedulers.rflow import RFlowSampler
 from opensora_jax.training.optim import make_optimizer, trainable_filter
 from opensora_jax.training.state import StepConfig, init_state, train_step
@@ -44,6 +47,7 @@ from opensora_jax.training.state import StepConfig, init_state, train_step
 GIB = 2**30
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 DTYPES = ("bfloat16", "float16", "float32")
+REMATS = tuple(REMAT_POLICIES)  # everything, dots, nothing
 LATENT_CHANNELS = 4  # the v1.2 VAE
 # Options for the CPU compile (all checked to leave memory_analysis unchanged or to move it toward a GPU build):
 #   LLVM -O0, no new fusion emitters, no HLO constant folding: compile-time only (constant folding alone spent
@@ -68,7 +72,12 @@ CPU_COMPILER_OPTIONS = {
 
 @dataclasses.dataclass(frozen=True)
 class PlanSpec:
-    """One configuration to compile. `model` is a preset name or an STDiT3Config (its dtypes are overridden)."""
+    """One configuration to compile. `model` is a preset name or an STDiT3Config (its dtypes are overridden).
+
+    `remat` (a REMAT_POLICIES name, or True / False) applies to training only: sampling has no backward pass
+    and compiles without remat. `attention` None keeps the model's own (the preset default, or the given
+    config's); a name overrides it.
+    """
 
     model: str | STDiT3Config = "STDiT3-XL/2"
     resolution: str = "720p"
@@ -80,8 +89,11 @@ class PlanSpec:
     dtype: str = "bfloat16"
     devices: int | None = None  # needed when the mesh has a -1 axis
     steps: int = 30  # sampling steps (the loop body is compiled once; see the module docstring)
+    remat: str | bool = "everything"
+    attention: str | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "remat", remat_policy_name(self.remat))
         if self.batch < 1:
             raise ValueError(f"batch must be at least 1, got {self.batch}")
         if self.dtype not in DTYPES:
@@ -98,9 +110,11 @@ class PlanSpec:
 
 def model_config(spec: PlanSpec) -> STDiT3Config:
     """The architecture with the plan's execution settings: bf16 params for sampling (as the pipeline loads
-    them), float32 master params and remat for training."""
-    execution = dict(dtype=spec.dtype, param_dtype="float32" if spec.train else spec.dtype, remat=spec.train,
-                     attention="xla")
+    them), float32 master params and the plan's remat policy for training, the plan's attention if given."""
+    execution = dict(dtype=spec.dtype, param_dtype="float32" if spec.train else spec.dtype,
+                     remat=spec.remat if spec.train else "nothing")
+    if spec.attention is not None:
+        execution["attention"] = spec.attention
     if isinstance(spec.model, STDiT3Config):
         return dataclasses.replace(spec.model, **execution)
     if spec.model not in PRESETS:
@@ -327,7 +341,7 @@ class PlanResult:
     platform: str
     dtype: str
     param_dtype: str
-    remat: bool
+    remat: str
     attention: str
     params: int
     activation_shape: tuple[int, int, int, int]
@@ -421,7 +435,7 @@ def format_report(result: PlanResult) -> str:
         f" → latent (T, H, W, C) = {v.latent} → {v.tokens[0]} × {v.tokens[1]} tokens",
         f"  batch        {result.batch} (model batch {result.model_batch})",
         f"  mesh         {result.mesh_text} on {result.devices} {result.platform} device(s)  {result.mesh}",
-        f"  settings     compute {result.dtype}, params {result.param_dtype}, remat {'on' if result.remat else 'off'},"
+        f"  settings     compute {result.dtype}, params {result.param_dtype}, remat {result.remat},"
         f" attention {result.attention}",
         f"  parameters   {result.params:,}",
         f"  activations  (B, T, S, C) = {result.activation_shape} split as {result.activation_spec}",

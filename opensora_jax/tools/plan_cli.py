@@ -7,16 +7,18 @@ One plan (`opensora_jax.tools.plan`) or, with --table, the README's per-device m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from collections.abc import Sequence
 
 from opensora_jax import parallel, presets
-from opensora_jax.models.stdit3 import PRESETS
-from opensora_jax.tools.plan import (DTYPES, PlanSpec, VideoShape, format_report, mesh_device_count, model_config,
-                                     plan, request_cpu_devices)
-from opensora_jax.tools.plan_table import TABLE_DEVICES, TABLE_MODES, TABLE_RESOLUTIONS, run_table, table_specs
+from opensora_jax.models.stdit3 import PRESETS, STDiT3Config
+from opensora_jax.tools.plan import (DTYPES, REMATS, PlanSpec, VideoShape, format_report, mesh_device_count,
+                                     model_config, plan, request_cpu_devices)
+from opensora_jax.tools.plan_table import (TABLE_DEVICES, TABLE_MODES, TABLE_REMATS, TABLE_RESOLUTIONS, run_table,
+                                           table_specs)
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -30,6 +32,10 @@ def _int_csv(value: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
 
 
+def _default_attention() -> str:
+    return {f.name: f.default for f in dataclasses.fields(STDiT3Config)}["attention"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="opensora-plan",
@@ -38,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "inputs are abstract arrays, and the mesh is made of fake CPU devices.",
         epilog="Sampling compiles RFlowSampler.sample as the pipeline calls it (all steps in one jit, CFG doubles "
                "the model batch); --train compiles one train_step (float32 master params + AdamW + EMA, compute "
-               "in --dtype, remat on, state donated). Peak estimate = arguments + outputs + temporaries − aliased.",
+               "in --dtype, remat per --remat, state donated). "
+               "Peak estimate = arguments + outputs + temporaries − aliased.",
     )
     parser.add_argument("--model", default="STDiT3-XL/2", help=f"STDiT3 preset: {', '.join(sorted(PRESETS))} "
                         "(default %(default)s)")
@@ -64,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=30,
                         help="sampling steps (compiled as one loop body, so memory hardly depends on it) "
                              "(default %(default)s)")
+    parser.add_argument("--remat", default="everything", choices=REMATS,
+                        help="training's per-block remat policy: everything (recompute each block), dots (keep "
+                             "the projection/MLP matmul outputs), nothing (no remat); sampling ignores it "
+                             "(default %(default)s)")
+    parser.add_argument("--attention", default=None,
+                        help=f"attention implementation, e.g. xla (materialises the f32 logits; the figures "
+                             f"made before blockwise attention) (default: the model's, {_default_attention()})")
     parser.add_argument("--json", metavar="OUT", help="also write the result(s) as JSON to OUT")
     parser.add_argument("--table", action="store_true",
                         help="print a Markdown table instead of one plan: sampling (batch 1) and training (one "
@@ -75,13 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"with --table: resolutions (default {','.join(TABLE_RESOLUTIONS)})")
     parser.add_argument("--table-devices", type=_int_csv, default=TABLE_DEVICES, metavar="COUNTS",
                         help=f"with --table: device counts, a subset of {','.join(map(str, TABLE_DEVICES))}")
+    parser.add_argument("--table-remat", type=_csv, default=TABLE_REMATS, metavar="POLICIES",
+                        help=f"with --table: training rows for each of these remat policies ({','.join(REMATS)}); "
+                             f"any other than the default {','.join(TABLE_REMATS)} adds a Remat column")
     return parser
 
 
 def _spec_from_args(args: argparse.Namespace) -> PlanSpec:
     return PlanSpec(model=args.model, resolution=args.resolution, aspect_ratio=args.aspect_ratio,
                     num_frames=args.num_frames, mesh=args.mesh, train=args.train, batch=args.batch,
-                    dtype=args.dtype, devices=args.devices, steps=args.steps)
+                    dtype=args.dtype, devices=args.devices, steps=args.steps, remat=args.remat,
+                    attention=args.attention)
 
 
 def _validate(specs: Sequence[PlanSpec]) -> int:
@@ -98,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         specs = (table_specs(args.table_modes, args.table_resolutions, args.table_devices, model=args.model,
-                             aspect_ratio=args.aspect_ratio, num_frames=args.num_frames) if args.table
+                             aspect_ratio=args.aspect_ratio, num_frames=args.num_frames, remats=args.table_remat,
+                             attention=args.attention) if args.table
                  else [_spec_from_args(args)])
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         request_cpu_devices(_validate(specs))

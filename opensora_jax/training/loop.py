@@ -45,7 +45,7 @@ def model_config(config: ml_collections.ConfigDict) -> STDiT3Config:
     """STDiT3 architecture (preset + overrides) with the run's dtypes and remat switch."""
     arch = dict(config.model.to_dict()) if "model" in config else {}
     execution = dict(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat,
-                     attention=config.get("attention", "xla"))
+                     attention=config.get("attention", "auto"))
     if config.get("model_preset"):
         return preset(config.model_preset, **arch, **execution)
     return STDiT3Config(**arch, **execution)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from opensora_jax.models.attention import ATTENTION_IMPLEMENTATIONS, dot_product_attention
 from opensora_jax.models.layers import Dense
 from opensora_jax.models.vae.layers import Conv, GroupNorm, activation, chunked_apply, diagonal_gaussian
 
@@ -59,6 +60,8 @@ class SpatialVAEConfig:
     mid_block_add_attention: bool = True
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
+    # JAX execution setting (not a diffusers kwarg): the mid-block attention's implementation.
+    attention: str = "auto"
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "SpatialVAEConfig":
@@ -85,6 +88,8 @@ class SpatialVAEConfig:
         return cfg
 
     def validate(self) -> None:
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"vae_2d.attention {self.attention!r} unknown; choose one of {ATTENTION_IMPLEMENTATIONS}")
         if not self.block_out_channels:
             raise ValueError("vae_2d.block_out_channels is empty")
         for c in self.block_out_channels:
@@ -129,6 +134,7 @@ class MidAttention2D(nnx.Module):
 
     def __init__(self, channels: int, cfg: SpatialVAEConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
         self.channels = channels
+        self.implementation = cfg.attention
         self.group_norm = GroupNorm(cfg.norm_num_groups, channels, eps=NORM_EPS, rngs=rngs, param_dtype=param_dtype)
         kw = dict(axes=("conv_in", "conv_out"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.to_q = Dense(channels, channels, **kw)
@@ -139,10 +145,8 @@ class MidAttention2D(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         n, h, w, c = x.shape
         t = self.group_norm(x).reshape(n, h * w, c)
-        q, k, v = self.to_q(t), self.to_k(t), self.to_v(t)
-        logits = jnp.einsum("nqc,nkc->nqk", q, k).astype(jnp.float32) * (c**-0.5)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = self.to_out(jnp.einsum("nqk,nkc->nqc", probs, v))
+        q, k, v = (proj(t)[:, :, None, :] for proj in (self.to_q, self.to_k, self.to_v))  # (n, HW, 1 head, c)
+        out = self.to_out(dot_product_attention(q, k, v, implementation=self.implementation)[:, :, 0])
         return out.reshape(n, h, w, c) + x.astype(out.dtype)
 
 
