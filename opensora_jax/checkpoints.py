@@ -10,6 +10,7 @@ directories only, and the CLIs hand a converting loader in where users may pass 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 import uuid
@@ -160,7 +161,7 @@ def save_converted(
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
+        raise FileExistsError(f"{out_dir} exists and is not empty (--overwrite, or overwrite=True, replaces it)")
     meta = {
         "format": FORMAT,
         "model": model,
@@ -169,7 +170,8 @@ def save_converted(
     }
     meta_text = json.dumps(meta, indent=2)  # before writing anything: fails early if config is not JSON
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staged = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
+    remove_stale_partials(out_dir)
+    staged = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     staged.mkdir()
     try:
         with _checkpointer() as checkpointer:
@@ -179,6 +181,29 @@ def save_converted(
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     return out_dir
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_partials(out_dir) -> list[pathlib.Path]:
+    """Deletes `.NAME.partial-PID-*` siblings of `out_dir` left by writers that were killed (their PID is gone)
+    and returns them; partial directories of live writers stay."""
+    out_dir = pathlib.Path(out_dir)
+    removed = []
+    for path in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        pid = path.name.rsplit(".partial-", 1)[1].split("-")[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def save_module(out_dir, module, *, config: dict, model: str, dtype=None, **kwargs) -> pathlib.Path:

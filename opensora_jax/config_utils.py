@@ -5,7 +5,9 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 import pathlib
+import signal
 import sys
 
 import ml_collections
@@ -130,14 +132,36 @@ def add_flags(parser, flags: dict[str, tuple], list_fields=frozenset()) -> None:
 USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
 
 
+INTERRUPTED = 130  # the shell's status for a command ended by SIGINT
+
+
+def _exit_on_interrupt(signum, frame) -> None:
+    # Ending here, not by a KeyboardInterrupt raised wherever Python happens to be, avoids unwinding through
+    # XLA's compiler (which can crash the process). Every file is written under a temporary name and renamed,
+    # so nothing half-written is left under a final name; stale temporaries are removed by the next run.
+    print("interrupted", file=sys.stderr, flush=True)
+    os._exit(INTERRUPTED)
+
+
 def run_cli(main, argv=None) -> int:
     """Runs a CLI's main(). The user's mistakes (`USER_ERRORS`: a UserError, a missing or existing file) print
-    one `error: ...` line and give exit status 2; any other exception is ours and keeps its traceback."""
+    one `error: ...` line and give exit status 2; Ctrl-C prints `interrupted` and exits with 130; any other
+    exception is ours and keeps its traceback."""
+    previous = signal.signal(signal.SIGINT, _exit_on_interrupt) if _in_main_thread() else None
     try:
         return main(argv)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def console_entry(main):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tomllib
 
+import numpy as np
 import pytest
 
 from opensora_jax.config_utils import run_cli
@@ -98,3 +99,56 @@ def test_bad_mesh_and_unknown_config_field_are_user_errors(tmp_path):
 
     with pytest.raises(UserError, match="unknown axis"):
         MeshConfig.parse("pipeline=2")
+
+
+def _run(argv, **kw):
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300, cwd=ROOT, **kw)
+
+
+def test_convert_refuses_a_non_empty_out_dir_before_reading(tmp_path, fixtures_dir):
+    src = fixtures_dir / "opensora_v1_2" / "stdit3_tiny" / "weights.safetensors"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = _run(["-m", "convert", "stdit3", str(src), str(out)])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: OUT_DIR {str(out)!r} is not empty; pass --overwrite to replace it"]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_convert_with_the_wrong_architecture_says_how_to_fix_it(tmp_path, fixtures_dir):
+    src = fixtures_dir / "opensora_v1_2" / "stdit3_tiny" / "weights.safetensors"  # no config.json beside it
+    proc = _run(["-m", "convert", "stdit3", str(src), str(tmp_path / "out")])
+    assert proc.returncode == 2
+    assert "more" in proc.stderr and "pass --config FILE" in proc.stderr and len(proc.stderr.splitlines()) < 20
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_writers_partial_directory_is_removed_by_the_next_save(tmp_path):
+    import os
+
+    from opensora_jax.checkpoints import save_converted
+
+    dead = tmp_path / ".ckpt.partial-999999999-deadbeef"
+    alive = tmp_path / f".ckpt.partial-{os.getpid()}-cafe"
+    for d in (dead, alive):
+        d.mkdir()
+    save_converted(tmp_path / "ckpt", {"w": np.zeros(2, np.float32)}, config={}, model="t5")
+    assert not dead.exists() and alive.exists() and (tmp_path / "ckpt" / "config.json").is_file()
+
+
+def test_ctrl_c_during_compilation_exits_130_without_a_crash(tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "sample.py", "--prompt", "a red circle moving left", "--no-progress",
+                             "--out-dir", str(tmp_path / "out")], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # "no checkpoints given: sampling with the demo model ..." then it loads/compiles
+    assert "demo model" in line
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted"
+    assert not list((tmp_path / "out").glob("sample_*.mp4"))

@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     ))
     # Output.
     c.out_dir = "samples"
+    c.overwrite = False  # True: start at sample_0000 again; False: the next free index in out_dir
     c.frame_grid = True  # a PNG of 8 frames beside each MP4
     c.save_upscale = 1  # nearest-neighbour enlargement of the saved videos
     c.progress = True

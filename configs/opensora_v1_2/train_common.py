@@ -18,6 +18,9 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 42
     c.out_dir = "outputs/stdit3"
+    # Re-running with OUT_DIR resumes from its latest checkpoint; a different config there is refused.
+    # resume=False starts over in OUT_DIR instead (its checkpoints and metrics are removed).
+    c.resume = True
     # Model: STDiT3-XL/2 from a checkpoint (converted dir or reference weights), trained in bfloat16 with
     # float32 master weights and per-block rematerialisation.
     c.model_preset = "STDiT3-XL/2"

@@ -10,6 +10,9 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 42
     c.out_dir = "outputs/vae"
+    # Re-running with OUT_DIR resumes from its latest checkpoint; a different config there is refused.
+    # resume=False starts over in OUT_DIR instead (its checkpoints and metrics are removed).
+    c.resume = True
     # Architecture: reference pipeline kwargs (vae_2d / vae_temporal / micro_frame_size ...). Training
     # never chunks (whole clip through both VAEs); micro_frame_size only matters for the exported model.
     c.model = ml_collections.ConfigDict(OPENSORA_VAE_V1_2_PRESET)

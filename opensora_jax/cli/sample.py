@@ -26,6 +26,7 @@ from opensora_jax.pipelines.run import run
 
 DEFAULT_CONFIG = FAMILIES["opensora_v1_2"].sample_config
 DEMO_CONFIG = CONFIGS_DIR / "demo" / "sample.py"
+DEMO_FIXED_FLAGS = ("--resolution", "--aspect-ratio", "--config.resolution", "--config.aspect_ratio")
 CHECKPOINT_FLAGS = ("--stdit3", "--vae", "--t5", "--config.stdit3", "--config.vae", "--config.t5")
 
 # flag → (config field, type, help)
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         "when --stdit3/--vae/--t5 are given, else the demo model's configs/demo/sample.py)", FLAGS, LIST_FIELDS,
         config_required=False)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars [config: progress=False]")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="number files from sample_0000 again, replacing earlier ones; default: the next free "
+                        "index in --out-dir [config: overwrite=True]")
     parser.add_argument("--no-clean-captions", action="store_true",
                         help="skip the reference's caption cleaning [config: clean_captions=False]")
     return parser
@@ -89,6 +93,8 @@ def make_config(argv: list[str]):
     config, args = config_from_cli(argv, parser, FLAGS, LIST_FIELDS)
     if args.no_progress:
         config.progress = False
+    if args.overwrite:
+        config.overwrite = True
     if args.no_clean_captions:
         config.clean_captions = False
     return config
@@ -102,6 +108,10 @@ def main(argv=None) -> int:
             raise UserError(
                 f"no checkpoints given, and the demo model is not in this checkout ({config.stdit3} is missing): "
                 "pass --stdit3, --vae and --t5 (converted directories or the reference's weights)")
+        ignored = sorted({a.split("=", 1)[0] for a in argv} & set(DEMO_FIXED_FLAGS))
+        if ignored:
+            raise UserError(f"the demo model samples only 32x32 videos, so {', '.join(ignored)} cannot apply; "
+                            "pass --stdit3/--vae/--t5 for Open-Sora v1.2 weights to choose the size")
         print(f"no checkpoints given: sampling with the demo model ({config.stdit3.rsplit('/', 1)[0]}, "
               "32x32, 17 frames); pass --stdit3/--vae/--t5 for Open-Sora v1.2 weights", flush=True)
     initialize_distributed()  # multi-process launches (SLURM, torchrun-style env, JAX_COORDINATOR_ADDRESS)

@@ -34,6 +34,14 @@ def split_reference_paths(reference_path: str | None) -> list[str]:
 
 
 
+def _decoded(read, path: str, kind: str) -> np.ndarray:
+    """`read(path)`, with a decoder's failure on a damaged or mislabelled file reported as the user's."""
+    try:
+        return read(path)
+    except (OSError, ValueError, RuntimeError) as e:  # PIL, imageio and ffmpeg raise these for bad files
+        raise UserError(f"reference {path!r} could not be decoded as an {kind}: {type(e).__name__}: {e}") from None
+
+
 def load_reference(path: str, size: tuple[int, int]) -> np.ndarray:
     """One reference file resized and cropped to size (H, W): (T, H, W, 3) float32 in [-1, 1].
 
@@ -47,10 +55,10 @@ def load_reference(path: str, size: tuple[int, int]) -> np.ndarray:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such reference file: {path!r}")
     if video_io.is_video_path(path):
-        video = video_io.read_frames(path)
+        video = _decoded(video_io.read_frames, path, "video")
         return frames.unit_to_signed(frames.resize_crop_video(frames.uint8_to_unit(video), size))
     if video_io.is_image_path(path):
-        image = frames.resize_crop_image(video_io.read_image(path), size)
+        image = frames.resize_crop_image(_decoded(video_io.read_image, path, "image"), size)
         return frames.unit_to_signed(frames.uint8_to_unit(image))[None]
     raise UserError(
         f"unsupported reference file type {os.path.splitext(path)[1]!r} for {path!r}; "

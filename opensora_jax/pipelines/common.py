@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from opensora_jax import video_io
+from opensora_jax.checks import check_writable_dir, positive_number
 from opensora_jax.errors import UserError
 
 
@@ -31,16 +32,50 @@ class Generation:
 
 
 def read_prompts(config: ml_collections.ConfigDict) -> list[str]:
-    """Prompts from `config.prompts` and/or `config.prompt_file` (one per line, blank lines skipped)."""
+    """Prompts from `config.prompts` and/or `config.prompt_file` (UTF-8, one per line, blank lines skipped)."""
     prompts = list(config.prompts or [])
+    if any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise UserError("--prompt: every prompt needs some text (got an empty one)")
     if config.prompt_file:
         path = pathlib.Path(config.prompt_file)
         if not path.is_file():
-            raise FileNotFoundError(f"prompt file {path} not found")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            raise FileNotFoundError(f"--prompt-file {str(path)!r}: no such file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"--prompt-file {str(path)!r} is not UTF-8 text") from None
+        if "\x00" in text:
+            raise UserError(f"--prompt-file {str(path)!r} is a binary file, not one prompt per line")
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError("no prompt given: use --prompt TEXT or --prompt-file FILE")
     return prompts
+
+
+def check_run_settings(config: ml_collections.ConfigDict) -> None:
+    """Checks what every family's sampling run shares before any model loads: counts, rates, the output
+    directory. A mistake raises UserError naming the flag and what would be valid."""
+    for flag, value in (("--num-sample", config.num_sample), ("--batch-size", config.batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise UserError(f"{flag} must be a whole number ≥ 1, got {value!r}")
+    if not isinstance(config.seed, int) or config.seed < 0:
+        raise UserError(f"--seed must be a whole number ≥ 0, got {config.seed!r}")
+    positive_number("--save-fps", config.save_fps)
+    upscale = config.get("save_upscale", 1)
+    if not isinstance(upscale, int) or upscale < 1:
+        raise UserError(f"--config.save_upscale must be a whole number ≥ 1, got {upscale!r}")
+    check_writable_dir(config.out_dir, "--out-dir")
+
+
+def next_free_index(out_dir, name_prefix: str = "sample") -> int:
+    """One past the highest `{name_prefix}_NNNN.*` already in `out_dir` (0 for an empty or new directory), so a
+    new run never overwrites an earlier one."""
+    pattern = re.compile(rf"{re.escape(name_prefix)}_(\d+)\.(?:mp4|png|json)$")
+    out_dir = pathlib.Path(out_dir)
+    if not out_dir.is_dir():
+        return 0
+    taken = [int(m.group(1)) for f in out_dir.iterdir() if (m := pattern.match(f.name))]
+    return max(taken, default=-1) + 1
 
 
 def per_prompt(values, n: int, name: str) -> list[str] | None:

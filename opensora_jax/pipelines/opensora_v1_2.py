@@ -8,6 +8,7 @@ Outputs are uint8 videos (B, T, H, W, 3).
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Sequence
 
@@ -18,15 +19,20 @@ import numpy as np
 
 from opensora_jax import presets, video_io
 from opensora_jax.checkpoints import ModelLoader, load_model, resolve_checkpoint
+from opensora_jax.checks import positive_number
 from opensora_jax.conditioning import masks, prompts as prompt_syntax, references
 from opensora_jax.errors import UserError
 from opensora_jax.models.vae.opensora_v1_2 import decode_jit, encode_jit
 from opensora_jax.parallel import make_mesh, sharding_context
-from opensora_jax.pipelines.common import Generation, per_prompt, stage_bar
+from opensora_jax.pipelines.common import Generation, check_run_settings, per_prompt, stage_bar
 from opensora_jax.schedulers.rflow import RFlowSampler
 from opensora_jax.text import captions
 from opensora_jax.text.t5 import TextEncoder
 from opensora_jax.text.tokenizer import default_tokenizer_dir
+
+
+MAX_STEPS = 1000  # the scheduler's num_timesteps: more steps than timesteps is meaningless
+MAX_FRAMES = max(presets.NUM_FRAMES_MAP.values())
 
 
 class Pipeline:
@@ -70,6 +76,38 @@ class Pipeline:
             stdit3=config.stdit3, vae=config.vae, t5=config.t5, tokenizer=config.tokenizer or None,
             dtype=config.dtype, attention=config.attention, scheduler=config.scheduler.to_dict(),
             mesh=config.get("mesh") or None, load=load)
+
+    @classmethod
+    def check_config(cls, config: ml_collections.ConfigDict, prompts: Sequence[str]) -> None:
+        """Everything a sampling config can get wrong, checked before any model loads: sizes, counts, the
+        scheduler, the prompts' syntax, mask strategies and every reference file (decoded at the target size).
+        A mistake raises UserError naming the flag (or config field) and what would be valid."""
+        check_run_settings(config)
+        steps = config.scheduler.num_sampling_steps
+        if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+            raise UserError(f"--steps must be a whole number in 1..{MAX_STEPS}, got {steps!r}")
+        cfg = config.scheduler.cfg_scale
+        if not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 0:
+            raise UserError(f"--cfg-scale must be a finite number ≥ 0, got {cfg!r}")
+        positive_number("--fps", config.fps)
+        if not isinstance(config.loop, int) or config.loop < 1:
+            raise UserError(f"--loop must be a whole number ≥ 1, got {config.loop!r}")
+        shared, listed = cls.generate_kwargs(config, len(prompts))
+        if shared["num_frames"] > MAX_FRAMES:
+            raise UserError(f"--num-frames {config.num_frames!r} is {shared['num_frames']} frames; at most "
+                            f"{MAX_FRAMES} (the longest preset, 32s) are supported")
+        if min(shared["height"], shared["width"]) < 16:
+            raise UserError(f"video size {shared['height']}x{shared['width']} is too small (at least 16x16)")
+        texts, refs, strategies = prompt_syntax.apply_prompt_options(
+            list(prompts), listed["reference_paths"], listed["mask_strategies"])
+        for text in texts:
+            for segment in prompt_syntax.split_loop_prompt(text)[0]:
+                if not segment.strip():
+                    raise UserError(f"prompt {text!r} has an empty text")
+        for strategy in strategies:
+            masks.parse_mask_strategy(strategy)
+        for paths in refs:
+            references.load_references(paths, (shared["height"], shared["width"]))
 
     @staticmethod
     def generate_kwargs(config: ml_collections.ConfigDict, n_prompts: int) -> tuple[dict, dict]:

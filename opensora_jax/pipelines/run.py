@@ -13,7 +13,7 @@ import ml_collections
 
 from opensora_jax import families
 from opensora_jax.checkpoints import ModelLoader, load_model
-from opensora_jax.pipelines.common import read_prompts, save_generation, write_json
+from opensora_jax.pipelines.common import next_free_index, read_prompts, save_generation, write_json
 
 DEFAULT_FAMILY = "opensora_v1_2"
 
@@ -23,9 +23,19 @@ def load_pipeline(config: ml_collections.ConfigDict, *, load: ModelLoader = load
     return families.pipeline_class(config.get("family", DEFAULT_FAMILY)).from_config(config, load=load)
 
 
-def run(config: ml_collections.ConfigDict, pipeline=None, *, load: ModelLoader = load_model) -> list[pathlib.Path]:
-    """Generates every prompt of `config` (num_sample times each) and saves videos + sidecars + config.json."""
+def check(config: ml_collections.ConfigDict) -> list[str]:
+    """Validates `config` for its family's pipeline without loading anything; returns the prompts."""
     prompts = read_prompts(config)
+    families.pipeline_class(config.get("family", DEFAULT_FAMILY)).check_config(config, prompts)
+    return prompts
+
+
+def run(config: ml_collections.ConfigDict, pipeline=None, *, load: ModelLoader = load_model) -> list[pathlib.Path]:
+    """Generates every prompt of `config` (num_sample times each) and saves videos + sidecars + config.json.
+
+    The config is checked first (`check`), so a mistake costs no model load. New files take the next free
+    index in OUT_DIR (sample_0003.mp4 after sample_0002.*) unless `config.overwrite`, which starts at 0."""
+    prompts = check(config)
     if pipeline is None:
         pipeline = load_pipeline(config, load=load)
     shared, listed = pipeline.generate_kwargs(config, len(prompts))
@@ -33,7 +43,7 @@ def run(config: ml_collections.ConfigDict, pipeline=None, *, load: ModelLoader =
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "config.json", config.to_dict())
 
-    paths, index = [], 0
+    paths, index = [], 0 if config.get("overwrite", False) else next_free_index(out_dir)
     for k in range(config.num_sample):
         for start in range(0, len(prompts), config.batch_size):
             batch = prompts[start : start + config.batch_size]

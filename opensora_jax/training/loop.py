@@ -7,9 +7,7 @@ resumed run's losses equal those of a run that never stopped.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import pathlib
 
 import jax
@@ -27,18 +25,13 @@ from opensora_jax.models.vae.opensora_v1_2 import encode_jit
 from opensora_jax.parallel import make_mesh, shard_batch, shard_params, sharding_context
 from opensora_jax.text.t5 import TextEncoder
 from opensora_jax.text.tokenizer import default_tokenizer_dir
+from opensora_jax.training import run_dir
 from opensora_jax.training.checkpointing import RunCheckpointer
 from opensora_jax.training.driver import run_loop, to_device
 from opensora_jax.training.optim import make_optimizer, trainable_filter
 from opensora_jax.training.state import StepConfig, init_state, train_step
 
 log = logging.getLogger(__name__)
-
-
-def _write_json(path: pathlib.Path, payload) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def model_config(config: ml_collections.ConfigDict) -> STDiT3Config:
@@ -169,8 +162,7 @@ def train(config: ml_collections.ConfigDict, *, stop_after: int | None = None, l
     `load` reads the checkpoints the config names (from_pretrained, vae, t5): by default converted
     directories; train.py passes `convert.load_model`, which also reads the reference's weights."""
     out_dir = pathlib.Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "config.json", config.to_dict())
+    run_dir.prepare(out_dir, config.to_dict(), has_checkpoint=run_dir.has_checkpoint(out_dir))
 
     mesh = None
     if config.get("mesh"):
@@ -196,6 +188,7 @@ def train(config: ml_collections.ConfigDict, *, stop_after: int | None = None, l
     if checkpointer.latest_step() is not None:
         state, data_state = checkpointer.restore(state)
         iterator.set_state(data_state["iterator"])
+        run_dir.trim_metrics(out_dir, int(state.step))
         print(f"resumed from step {int(state.step)} ({checkpointer.directory})", flush=True)
 
     result = run_loop(state, make_step_fn(graphdef, tx, step_cfg, encoder, mesh), iterator, checkpointer,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import pathlib
 from typing import Callable
 
@@ -35,6 +34,7 @@ from opensora_jax.data.buckets import Buckets
 from opensora_jax.data.loader import VideoLoader
 from opensora_jax.errors import UserError
 from opensora_jax.models.vae.opensora_v1_2 import OpenSoraVAE, OpenSoraVAEConfig
+from opensora_jax.training import run_dir
 from opensora_jax.training.checkpointing import RunCheckpointer
 from opensora_jax.training.driver import run_loop, to_device
 from opensora_jax.training.optim import make_optimizer
@@ -385,12 +385,6 @@ def export_vae(graphdef, state: VAETrainState, out_dir, *, config: dict) -> path
 # ------------------------------------------------------------------------------------------- the run
 
 
-def _write_json(path: pathlib.Path, payload) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def evaluate(graphdef, state, config, *, csv: str, num_batches: int) -> float:
     """Mean reconstruction L1 over the first `num_batches` batches of `csv` (fixed order, seed 0)."""
     loader = make_vae_loader(config, csv=csv, num_epochs=1, seed=0)
@@ -468,8 +462,7 @@ def train_vae(config: ml_collections.ConfigDict, *, stop_after: int | None = Non
     read `from_pretrained` and `vae_2d_pretrained` (see `build_vae`)."""
     validate_config(config)
     out_dir = pathlib.Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "config.json", config.to_dict())
+    run_dir.prepare(out_dir, config.to_dict(), has_checkpoint=run_dir.has_checkpoint(out_dir))
 
     vae = build_vae(config, load, load_spatial)
     vae_config = vae.config.to_dict()
@@ -505,6 +498,7 @@ def train_vae(config: ml_collections.ConfigDict, *, stop_after: int | None = Non
         state, data_state = checkpointer.restore(state)
         state = commit(state)
         iterator.set_state(data_state["iterator"])
+        run_dir.trim_metrics(out_dir, int(state.step))
         print(f"resumed from step {int(state.step)} ({checkpointer.directory})", flush=True)
 
     step_fn = make_vae_step_fn(graphdef, disc_graphdef, tx, disc_tx, cfg, lpips, config)
