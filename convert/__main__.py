@@ -1,18 +1,26 @@
-"""python -m convert MODEL SRC OUT_DIR: reference PyTorch weights → orbax checkpoint + config.json."""
+"""python -m convert MODEL SRC OUT_DIR: reference PyTorch weights → converted checkpoint (params/ + config.json).
+
+The source is planned whole first (every problem reported at once, nothing written), then streamed: each
+tensor is read, transformed, cast and written before the next is read, so memory stays at about one tensor
+whatever the model's size.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import sys
 import time
 
 import jax.numpy as jnp
 
+from convert.checkpoint import convert_to_dir, streams
 from convert.keymap import ConversionError
 from convert.registry import CONVERTERS, converter, load_flat
 from opensora_jax.checkpoints import save_converted
+from opensora_jax.tensor_files import open_source
 from opensora_jax.checks import check_writable_dir
 from opensora_jax.config_utils import console_entry, run_cli
 from opensora_jax.errors import UserError
@@ -22,9 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m convert",
         description="Convert a reference Open-Sora / transformers checkpoint into an opensora_jax checkpoint "
-        "directory (orbax params/ + config.json). Every source key must be consumed and every parameter "
-        "filled; all problems are reported at once. Output is written to a temporary directory and renamed "
-        "into place only when complete.",
+        "directory (params/ as sharded safetensors + config.json). Every source key must be consumed and every "
+        "parameter filled; all problems are reported at once, before anything is written. Tensors are then "
+        "converted and written one at a time, to a temporary directory renamed into place only when complete.",
     )
     parser.add_argument("model", choices=sorted(CONVERTERS), help="which model the checkpoint holds")
     parser.add_argument("src", help="a .safetensors file, a *.safetensors.index.json of a sharded set, or a "
@@ -80,20 +88,32 @@ def main(argv=None) -> int:
     module = converter(args.model)
     config = _read_config(args.config) if args.config else module.config_from_source(args.src)
     start = time.time()
-    abstract = module.abstract_model(config, jnp.dtype(args.dtype))
+    dtype = jnp.dtype(args.dtype)
+    abstract = module.abstract_model(config, dtype)
+    meta = {"source": str(args.src), "dtype": args.dtype}
+    # The converted model's architecture, where conversion changes it (e.g. MMDiT's fused → unfused layout).
+    stored = module.converted_config(config) if hasattr(module, "converted_config") else config
     try:
-        flat = load_flat(module, args.src, config, abstract, dtype=jnp.dtype(args.dtype),
-                         allow_pickle=args.allow_pickle)
+        if streams(module):
+            opener = getattr(module, "open_reference", open_source)
+            with opener(args.src, allow_pickle=args.allow_pickle) as source:
+                out, layout = convert_to_dir(module.table(config), source, abstract, args.out_dir, config=stored,
+                                             model=args.model, dtype=dtype, extra_meta=meta, overwrite=args.overwrite)
+            shapes = [shape for _, shape in layout.values()]
+        else:  # a converter that only offers a whole-model load_params: the model is held in memory
+            flat = load_flat(module, args.src, config, abstract, dtype=dtype, allow_pickle=args.allow_pickle)
+            out = save_converted(args.out_dir, flat, config=stored, model=args.model, overwrite=args.overwrite,
+                                 extra_meta=meta)
+            shapes = [a.shape for a in flat.values()]
+            del flat
     except ConversionError as e:
         raise _with_hint(e, args) from None
-    out = save_converted(args.out_dir, flat, config=config, model=args.model, overwrite=args.overwrite,
-                         extra_meta={"source": str(args.src), "dtype": args.dtype})
     if hasattr(module, "after_save"):
         copied = module.after_save(args.src, out)
         if copied:
             print(f"copied {', '.join(copied)} into {out / 'tokenizer'}")
-    n_params = sum(a.size for a in flat.values())
-    print(f"converted {len(flat)} arrays ({n_params:,} values, {args.dtype}) from {args.src} → {out} "
+    n_params = sum(math.prod(shape) for shape in shapes)
+    print(f"converted {len(shapes)} arrays ({n_params:,} values, {args.dtype}) from {args.src} → {out} "
           f"in {time.time() - start:.1f}s")
     return 0
 

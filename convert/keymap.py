@@ -1,8 +1,10 @@
 """The strict conversion engine: a table of rules maps checkpoint tensors onto module variables.
 
 A `Table` lists one `Rule` per target variable. `plan` checks a table against the checkpoint's and
-the module's shapes without touching any data and reports every problem at once; `convert` then reads
-the checkpoint tensor by tensor into preallocated outputs.
+the module's shapes without touching any data and reports every problem at once. Then, tensor by tensor:
+`convert_into` streams the checkpoint into a writer (`opensora_jax.checkpoints.ConvertedWriter`), holding
+one source tensor at a time; `ConvertingReader` converts on demand, one target (a stacked target: all its
+slices) per read; `convert` collects everything into a dict (the whole model in memory).
 
 Source keys are matched after `Table.strip_prefixes` are removed. A source may feed several rules
 (e.g. a fused qkv weight sliced into q, k and v); every target is filled by exactly one rule.
@@ -15,17 +17,16 @@ the checkpoint is planned with no sources; `convert` leaves its target out of th
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 
 from opensora_jax.errors import CheckpointError
-
-if TYPE_CHECKING:
-    from opensora_jax.tensor_files import SourceReader
+from opensora_jax.tensor_files import SourceReader, aligned_empty
 
 Shape = tuple[int, ...]
 STACK = "{i}"
@@ -222,10 +223,48 @@ def _resize_rows(x: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([x, pad], axis=0)
 
 
+def transposed(x: np.ndarray, axes: Sequence[int] | None = None) -> np.ndarray:
+    """`np.transpose(x, axes)` as a new C-contiguous array, copied in blocks along the output's last axis.
+
+    numpy copies a transposed matrix element by element with the source stride (a cache and TLB miss per
+    element once rows exceed a page); blocks of rows keep the working set small: about 4× faster for
+    (4608, 1152) float32 on a 2-core host.
+    """
+    x = np.asarray(x)
+    axes = tuple(range(x.ndim))[::-1] if axes is None else tuple(a % x.ndim for a in axes)
+    view = x.transpose(axes)
+    out = np.empty(view.shape, x.dtype)
+    if x.ndim < 2 or axes[-1] == x.ndim - 1 or x.size < (1 << 16):  # the last axis stays last: rows copy well
+        out[...] = view
+        return out
+    block = 64
+    for start in range(0, view.shape[-1], block):
+        out[..., start: start + block] = view[..., start: start + block]
+    return out
+
+
+class _Source(np.ndarray):
+    """A source tensor as a rule's transform sees it: `.T` and `.transpose()` return blocked contiguous copies
+    (`transposed`) instead of views, so that the copy a following reshape or the writer makes is fast.
+    Values are those of plain numpy; everything else behaves as a numpy array."""
+
+    @property
+    def T(self) -> np.ndarray:
+        return transposed(self)
+
+    def transpose(self, *axes) -> np.ndarray:
+        if len(axes) == 1 and (axes[0] is None or isinstance(axes[0], (tuple, list))):
+            axes = axes[0]
+        return transposed(self, axes or None)
+
+
 def _read(reader: SourceReader, key: str, rule: Rule, shape: Shape) -> np.ndarray:
-    x = reader.get(key)
+    return _apply(reader.get(key), rule, shape)
+
+
+def _apply(x: np.ndarray, rule: Rule, shape: Shape) -> np.ndarray:
     if rule.transform is not None:
-        x = np.asarray(rule.transform(x))
+        x = np.asarray(rule.transform(x.view(_Source)))
     if rule.resize_rows and x.shape[0] != shape[0]:
         x = _resize_rows(x, shape[0])
     return x
@@ -237,27 +276,143 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="tensor", disable=not sys.stderr.isatty())
 
 
+def _target_dtype(step: Step, target_shapes: Mapping, dtype) -> np.dtype:
+    return np.dtype(dtype if dtype is not None else getattr(target_shapes[step.target], "dtype", np.float32))
+
+
+def _plan_source(table: Table, source: SourceReader, target_shapes: Mapping) -> list[Step]:
+    return plan(table, {k: source.shape(k) for k in source.keys()}, target_shapes)
+
+
+def _pieces(step: Step, source: SourceReader, dtype: np.dtype):
+    """(slice index or None, array of `dtype`) for each source tensor of a step, read one at a time."""
+    if step.rule.stacked:
+        for i, key in enumerate(step.sources):
+            yield i, np.asarray(_read(source, key, step.rule, step.shape[1:]), dtype=dtype)
+    elif step.sources:
+        yield None, np.asarray(_read(source, step.sources[0], step.rule, step.shape), dtype=dtype)
+
+
+def _read_ahead(source: SourceReader, keys: Sequence[str]):
+    """`source.get(key)` for each key in order; a background thread reads the next tensor while the caller
+    works on the current one (the readers release the GIL in I/O), so at most two are held at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not keys:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="convert-read") as pool:
+        future = pool.submit(source.get, keys[0])
+        for key in [*keys[1:], None]:
+            tensor = future.result()
+            future = None if key is None else pool.submit(source.get, key)
+            yield tensor
+            del tensor
+
+
+def output_layout(steps: Sequence[Step], target_shapes: Mapping, dtype=None) -> dict[str, tuple[np.dtype, Shape]]:
+    """{target: (dtype, shape)} of the targets that `steps` fill, in step order: a `ConvertedWriter` layout."""
+    return {s.target: (_target_dtype(s, target_shapes, dtype), s.shape) for s in steps if s.sources}
+
+
+def convert_into(table: Table, source: SourceReader, target_shapes: Mapping, writer, dtype=None,
+                 steps: Sequence[Step] | None = None) -> list[Step]:
+    """Streams the checkpoint read by `source` into `writer` (`write(target, array, index=None)`).
+
+    Checks everything with `plan` first (or takes its `steps`), so nothing is written for a checkpoint that
+    does not match. Then each source tensor is read, transformed, cast to `dtype` (default: the target's
+    dtype) and handed to the writer on its own: a stacked target is written slice by slice, so memory
+    holds one source tensor (and its transformed copy) at a time, whatever the model's size. Targets whose
+    optional source is absent are not written. Returns the steps.
+    """
+    steps = _plan_source(table, source, target_shapes) if steps is None else steps
+    jobs = [(step, i if step.rule.stacked else None, key) for step in steps for i, key in enumerate(step.sources)]
+    tensors = _read_ahead(source, [key for _, _, key in jobs])
+    try:
+        with _progress(len(jobs), f"converting {table.name}") as bar:
+            for (step, index, _), tensor in zip(jobs, tensors):
+                shape = step.shape if index is None else step.shape[1:]
+                piece = np.asarray(_apply(tensor, step.rule, shape), dtype=_target_dtype(step, target_shapes, dtype))
+                del tensor
+                writer.write(step.target, piece, index)
+                del piece
+                bar.update()
+    finally:
+        tensors.close()  # on an error, waits for the read in flight before the source is closed
+    return steps
+
+
+class ConvertingReader(SourceReader):
+    """The converted parameters of a checkpoint, computed on demand: `get(target)` reads, transforms and casts
+    that target's source tensor(s), so a consumer such as `opensora_jax.checkpoints.materialize` (through
+    `StoredParams`) holds one target at a time. Planned (all problems at once) on construction; targets whose
+    optional source is absent are not among the keys."""
+
+    def __init__(self, table: Table, source: SourceReader, target_shapes: Mapping, dtype=None):
+        self.path, self.source = source.path, source
+        self._steps = {s.target: s for s in _plan_source(table, source, target_shapes) if s.sources}
+        self._dtypes = {t: _target_dtype(s, target_shapes, dtype) for t, s in self._steps.items()}
+
+    def keys(self) -> list[str]:
+        return list(self._steps)
+
+    def shape(self, key: str) -> Shape:
+        return self._step(key).shape
+
+    def dtype(self, key: str) -> np.dtype:
+        self._step(key)
+        return self._dtypes[key]
+
+    def get(self, key: str) -> np.ndarray:
+        return self.read(key)
+
+    def read(self, key: str, index=None) -> np.ndarray:
+        """Converts target `key`, or `key[index]`: of a stacked target, only the layers `index` selects."""
+        step, dtype = self._step(key), self._dtypes[key]
+        if not step.rule.stacked:
+            x = next(_pieces(step, self.source, dtype))[1]
+            return x if index is None else np.array(x[tuple(index)])
+        index = (slice(None),) if index is None or not tuple(index) else tuple(index)
+        if not isinstance(index[0], slice):  # an integer: that one layer
+            return self.read(key, (slice(index[0], index[0] + 1), *index[1:]))[0]
+        layers = range(*index[0].indices(step.shape[0]))
+        out = aligned_empty(len(layers) * math.prod(step.shape[1:]) * dtype.itemsize).view(dtype)
+        out = out.reshape((len(layers), *step.shape[1:]))
+        for j, layer in enumerate(layers):
+            out[j] = np.asarray(_read(self.source, step.sources[layer], step.rule, step.shape[1:]), dtype=dtype)
+        return out if len(index) == 1 else np.array(out[(slice(None), *index[1:])])
+
+    def close(self) -> None:
+        self.source.close()
+
+    def _step(self, key: str) -> Step:
+        try:
+            return self._steps[key]
+        except KeyError:
+            raise KeyError(f"{self.path}: no converted parameter {key!r}") from None
+
+
+class _Collect:
+    """A writer into preallocated arrays (what `convert` returns)."""
+
+    def __init__(self, layout: Mapping[str, tuple[np.dtype, Shape]]):
+        self.arrays = {target: np.empty(shape, dtype) for target, (dtype, shape) in layout.items()}
+
+    def write(self, target: str, array: np.ndarray, index: int | None = None) -> None:
+        if index is None:
+            self.arrays[target][...] = array
+        else:
+            self.arrays[target][index] = array
+
+
 def convert(table: Table, source: SourceReader, target_shapes: Mapping, dtype=None) -> dict[str, np.ndarray]:
     """Converts the checkpoint read by `source` into a flat {variable path: array} dict.
 
     Everything is checked by `plan` before any tensor is read. Each target is a preallocated array of
     `dtype` (default: the target's dtype; float32 for targets given as bare shapes), filled tensor by tensor,
     so peak memory is about the output plus one tensor. Targets whose optional source is absent are left out.
+    To avoid holding the whole output, stream with `convert_into` or `ConvertingReader` instead.
     """
-    steps = plan(table, {k: source.shape(k) for k in source.keys()}, target_shapes)
-    out: dict[str, np.ndarray] = {}
-    with _progress(sum(len(s.sources) for s in steps), f"converting {table.name}") as bar:
-        for step in steps:
-            if not step.sources:
-                continue
-            target_dtype = dtype if dtype is not None else getattr(target_shapes[step.target], "dtype", np.float32)
-            array = np.empty(step.shape, dtype=np.dtype(target_dtype))
-            if step.rule.stacked:
-                for i, key in enumerate(step.sources):
-                    array[i] = _read(source, key, step.rule, step.shape[1:])
-                    bar.update()
-            else:
-                array[...] = _read(source, step.sources[0], step.rule, step.shape)
-                bar.update()
-            out[step.target] = array
-    return out
+    steps = _plan_source(table, source, target_shapes)
+    collect = _Collect(output_layout(steps, target_shapes, dtype))
+    convert_into(table, source, target_shapes, collect, dtype, steps=steps)
+    return collect.arrays

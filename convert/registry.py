@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from convert.checkpoint import is_converted_dir, load_params, variable_paths
+from convert.checkpoint import is_converted_dir, load_params, open_params, streams, variable_paths
 from opensora_jax import checkpoints
 from opensora_jax.checkpoints import materialize, read_config, resolve_checkpoint  # noqa: F401 - re-exported
 from opensora_jax.errors import UserError
@@ -19,6 +19,8 @@ CONVERTERS: dict[str, str] = {
     "stdit3": "convert.stdit3",
     "t5": "convert.t5",
     "vae": "convert.vae_v1_2",
+    "mmdit": "convert.mmdit",
+    "clip": "convert.clip",
 }
 
 
@@ -46,16 +48,24 @@ def load_model(name: str, path, *, config: dict | None = None, overrides: dict |
     module = converter(name)
     config = {**(module.config_from_source(path) if config is None else config), **(overrides or {})}
     abstract = module.abstract_model(config, dtype, compute_dtype)
-    flat = load_flat(module, path, config, abstract, dtype=dtype, allow_pickle=allow_pickle)
-    missing = set(variable_paths(abstract)) - set(flat)
-    if missing:
-        raise UserError(f"{path}: no values for {sorted(missing)}")
-    return materialize(abstract, flat, mesh), config
+    # The loaded model's architecture, where conversion changes it (MMDiT: fused → unfused, interleaved → half).
+    loaded_config = module.converted_config(config) if hasattr(module, "converted_config") else config
+    if not streams(module):
+        flat = load_flat(module, path, config, abstract, dtype=dtype, allow_pickle=allow_pickle)
+        missing = set(variable_paths(abstract)) - set(flat)
+        if missing:
+            raise UserError(f"{path}: no values for {sorted(missing)}")
+        return materialize(abstract, flat, mesh), loaded_config
+    # Converted one target at a time as it is placed: host memory holds one (stacked) tensor, not the model.
+    with open_params(module.table(config), path, abstract, dtype=dtype, allow_pickle=allow_pickle,
+                     opener=getattr(module, "open_reference", None)) as params:
+        return materialize(abstract, params, mesh), loaded_config
 
 
 def load_flat(module: ModuleType, path, config: dict, abstract, *, dtype=None, allow_pickle: bool = False):
-    """Flat {variable path: array}: through the converter's own `load_params(path, config, ...)` when it
-    has one (to adapt a source first, e.g. T5's tied embedding aliases), else through the shared engine."""
+    """Flat {variable path: array} (the whole model in memory): through the converter's own
+    `load_params(path, config, ...)` when it has one (to adapt a source first, e.g. T5's tied embedding
+    aliases), else through the shared engine."""
     if hasattr(module, "load_params"):
         return module.load_params(path, config, dtype=dtype, allow_pickle=allow_pickle)
     return load_params(module.table(config), path, abstract, dtype=dtype, allow_pickle=allow_pickle)

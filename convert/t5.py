@@ -20,8 +20,8 @@ import re
 import jax.numpy as jnp
 import numpy as np
 
-from convert.checkpoint import is_converted_dir, load_params as engine_load, variable_paths
-from convert.keymap import ConversionError, Rule, Table, convert
+from convert.checkpoint import load_params as engine_load, open_params
+from convert.keymap import ConversionError, Rule, Table
 from opensora_jax.tensor_files import SourceReader, open_source
 from opensora_jax.checkpoints import materialize
 from opensora_jax.families import MODELS
@@ -126,29 +126,32 @@ def open_t5_source(path, *, allow_pickle: bool = False) -> T5Source:
     return T5Source(open_source(path, allow_pickle=allow_pickle))
 
 
+# How the shared engine opens T5 reference weights (the converter CLI streams through it): see `T5Source`.
+open_reference = open_t5_source
+
+
 def load_params(path, config: dict | T5Config | None = None, *, dtype=None, allow_pickle: bool = False) -> dict[str, np.ndarray]:
     """Flat {variable path: array} for a `T5Encoder` from a T5 checkpoint or a converted directory.
 
-    `config` defaults to `config_from_source(path)`. Tensors are read one at a time from the memory-mapped
-    file(s) into preallocated arrays of `dtype` (default float32).
+    `config` defaults to `config_from_source(path)`. Tensors are read one at a time from the file(s) into
+    preallocated arrays of `dtype` (default float32): the result is the whole model in memory.
     """
     cfg = _config(config if config is not None else config_from_source(path, allow_pickle=allow_pickle))
-    abstract = abstract_model(cfg, dtype)
-    if is_converted_dir(path):
-        return engine_load(table(cfg), path, abstract, dtype=dtype)
-    with open_t5_source(path, allow_pickle=allow_pickle) as source:
-        return convert(table(cfg), source, variable_paths(abstract), dtype)
+    return engine_load(table(cfg), path, abstract_model(cfg, dtype), dtype=dtype, allow_pickle=allow_pickle,
+                       opener=open_t5_source)
 
 
 def load_model(path, config: dict | T5Config | None = None, *, dtype=jnp.float32, param_dtype=jnp.float32,
                allow_pickle: bool = False, mesh=None) -> T5Encoder:
     """A ready `T5Encoder` with the weights at `path` (parameters stored in `param_dtype`, compute in `dtype`).
 
-    With a `mesh`, each tensor is placed sharded (per its logical axes, e.g. embed on fsdp) as it loads.
+    Tensors are read (and, from reference weights, converted) one at a time; with a `mesh`, each is placed
+    sharded (per its logical axes, e.g. embed on fsdp) as it loads.
     """
     cfg = _config(config if config is not None else config_from_source(path, allow_pickle=allow_pickle))
-    flat = load_params(path, cfg, dtype=param_dtype, allow_pickle=allow_pickle)
-    return materialize(abstract_model(cfg, param_dtype, dtype), flat, mesh)
+    with open_params(table(cfg), path, abstract_model(cfg, param_dtype), dtype=param_dtype,
+                     allow_pickle=allow_pickle, opener=open_t5_source) as params:
+        return materialize(abstract_model(cfg, param_dtype, dtype), params, mesh)
 
 
 def config_from_source(path, *, allow_pickle: bool = False) -> dict:

@@ -1,17 +1,22 @@
 """Lazy readers of tensor files (reference checkpoints, LPIPS weights): safetensors (single, sharded, directory)
 and, opt-in, pickle.
 
-Safetensors files are parsed here (8-byte little-endian header length, JSON header, raw data) and
-memory-mapped, so opening validates the file but reads no tensor data until `get`.
+Safetensors files are parsed here (8-byte little-endian header length, JSON header, raw data): opening
+validates the file but reads no tensor data until `get` / `read`, which read one tensor (or one slice of it)
+and nothing else, so a reader's memory stays at the tensor being read however large the file.
+`SafetensorsWriter` writes the format the same way, tensor by tensor (or slice by slice) from a layout fixed
+up front.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
+import os
 import pathlib
 import struct
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -57,6 +62,12 @@ class SourceReader:
         """Reads one tensor as a numpy array."""
         raise NotImplementedError
 
+    def read(self, key: str, index=None) -> np.ndarray:
+        """Reads `tensor[index]` (a tuple of slices, as `jax.make_array_from_callback` passes; None: all) as a
+        new array. Readers that can read a part without the whole tensor override this."""
+        x = self.get(key)
+        return x if index is None else np.array(x[index])
+
     def close(self) -> None:
         """Releases open files; the reader is unusable afterwards."""
 
@@ -71,13 +82,22 @@ class SourceReader:
 
 
 class SafetensorsFile(SourceReader):
-    """One .safetensors file, validated on open, memory-mapped and read lazily."""
+    """One .safetensors file, validated on open and read lazily, one tensor (or slice) at a time.
+
+    Large tensors (and leading-axis slices of them) are read straight from the disk into a fresh array with
+    direct I/O where the file system allows it (bypassing the page cache, whose filling can cost more than
+    the disk read itself), small ones with `pread`. Other slices (`read(key, index)`) are copied out of a
+    read-only memory map whose pages are released right after. Either way the process keeps no file pages
+    resident: its memory stays at what the caller holds, not at the file size.
+    """
 
     def __init__(self, path: str | pathlib.Path):
         self.path = pathlib.Path(path)
         size = self.path.stat().st_size
         self._header_end, self._entries = _parse_header(self.path, size)
-        self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self._fd: int | None = os.open(self.path, os.O_RDONLY)
+        self._direct: int | None | bool = None  # fd once opened, False when direct I/O is unavailable
+        self._mmap: mmap.mmap | None = None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -90,17 +110,134 @@ class SafetensorsFile(SourceReader):
 
     def get(self, key: str) -> np.ndarray:
         dtype, shape, (begin, end) = self._entry(key)
-        raw = self._mmap[self._header_end + begin : self._header_end + end]
-        return np.array(raw).view(dtype).reshape(shape)
+        return self._read_bytes(self._header_end + begin, end - begin).view(dtype).reshape(shape)
+
+    def read(self, key: str, index=None) -> np.ndarray:
+        dtype, shape, (begin, end) = self._entry(key)
+        index = () if index is None else tuple(index)
+        index += (slice(None),) * (len(shape) - len(index))
+        if all(_is_full(i, n) for i, n in zip(index, shape)):
+            return self.get(key)
+        if all(_is_full(i, n) for i, n in zip(index[1:], shape[1:])) and isinstance(index[0], slice):
+            start, stop, step = index[0].indices(shape[0])
+            if step == 1:  # rows start..stop: one contiguous byte range
+                row = math.prod(shape[1:]) * dtype.itemsize
+                rows = max(stop - start, 0)
+                raw = self._read_bytes(self._header_end + begin + start * row, rows * row)
+                return raw.view(dtype).reshape((rows, *shape[1:]))
+        if self._mmap is None:
+            self._mmap = mmap.mmap(self._open_fd(), 0, access=mmap.ACCESS_READ)
+        start = self._header_end + begin
+        view = np.frombuffer(self._mmap, dtype=dtype, count=math.prod(shape), offset=start).reshape(shape)
+        out = np.array(view[index])
+        del view
+        _release(self._mmap, start, end - begin)
+        return out
 
     def close(self) -> None:
-        self._mmap = None
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None
+        for fd in (self._fd, self._direct):
+            if isinstance(fd, int) and not isinstance(fd, bool):
+                os.close(fd)
+        self._fd, self._direct = None, False
+
+    def _read_bytes(self, offset: int, length: int) -> np.ndarray:
+        """`length` bytes at `offset` as a new writable uint8 array."""
+        fd = self._open_fd()
+        if length >= DIRECT_MIN_BYTES and self._direct is not False:
+            if self._direct is None:
+                self._direct = _open_direct(self.path, os.O_RDONLY)
+            if self._direct is not False:
+                first = offset - offset % ALIGN
+                buffer = _aligned_empty(-(-(offset + length - first) // ALIGN) * ALIGN)
+                try:
+                    _pread_into(self._direct, buffer, first, self.path, direct=True, need=offset + length - first)
+                    return buffer[offset - first: offset - first + length]
+                except OSError:  # the file system refused direct I/O after all: read through the page cache
+                    os.close(self._direct)
+                    self._direct = False
+        out = aligned_empty(length)
+        _pread_into(fd, out, offset, self.path)
+        return out
+
+    def _open_fd(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"{self.path}: reader is closed")
+        return self._fd
 
     def _entry(self, key: str):
         try:
             return self._entries[key]
         except KeyError:
             raise KeyError(f"{self.path}: no tensor named {key!r}") from None
+
+
+ALIGN = 4096  # direct I/O: buffer address, file offset and length in multiples of this
+DIRECT_MIN_BYTES = 1 << 20  # smaller reads go through the page cache
+
+
+ARRAY_ALIGN = 64  # what jax.device_put needs to use a host array in place on CPU instead of copying it
+
+
+def aligned_empty(nbytes: int, align: int = ARRAY_ALIGN) -> np.ndarray:
+    """`nbytes` uninitialised bytes (uint8) starting at an address that is a multiple of `align`.
+
+    Large buffers are anonymous memory maps (page aligned, unmapped when the array goes): numpy asks the
+    kernel for transparent huge pages on large arrays, whose compaction can make faulting the pages in
+    several times slower than the read that fills them.
+    """
+    if nbytes >= DIRECT_MIN_BYTES and mmap.PAGESIZE % align == 0:
+        return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8)
+    raw = np.empty(nbytes + align, np.uint8)
+    skip = -raw.ctypes.data % align
+    return raw[skip: skip + nbytes]
+
+
+def _aligned_empty(nbytes: int) -> np.ndarray:
+    return aligned_empty(nbytes, ALIGN)
+
+
+def _open_direct(path: pathlib.Path, flags: int) -> int | bool:
+    """An O_DIRECT descriptor of `path`, or False where the platform or file system has none."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    try:
+        return os.open(path, flags | os.O_DIRECT)
+    except OSError:
+        return False
+
+
+def _release(mapping: mmap.mmap, start: int, length: int) -> None:
+    """Drops the pages of [start, start + length) from this process's memory (the page cache keeps them)."""
+    if length <= 0 or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    first = start - start % page
+    last = min(len(mapping), -(-(start + length) // page) * page)
+    mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def _is_full(index, length: int) -> bool:
+    return isinstance(index, slice) and index.indices(length) == (0, length, 1)
+
+
+def _pread_into(fd: int, buffer: np.ndarray, offset: int, path, *, direct: bool = False,
+                need: int | None = None) -> None:
+    """Fills the uint8 array `buffer` from `fd` at `offset` (pread may return fewer bytes than asked).
+
+    With `direct`, the last aligned block may run past the end of the file: only `need` bytes must arrive.
+    """
+    view, done = memoryview(buffer), 0
+    need = len(view) if need is None else need
+    while done < need:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise UserError(f"{path}: file ended while reading ({done} of {need} bytes at offset {offset})")
+        done += n
+        if direct and done % ALIGN and done < need:
+            raise OSError(f"{path}: short direct read")
 
 
 def _parse_header(path: pathlib.Path, size: int) -> tuple[int, dict]:
@@ -141,6 +278,266 @@ def _parse_entry(path: pathlib.Path, key: str, info: dict):
     return dtype, shape, (begin, end)
 
 
+class ArraySource(SourceReader):
+    """Arrays already in memory ({name: array}) seen as a reader."""
+
+    def __init__(self, path: str | pathlib.Path, arrays: Mapping[str, np.ndarray]):
+        self.path, self._arrays = pathlib.Path(path), dict(arrays)
+
+    def keys(self) -> list[str]:
+        return list(self._arrays)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(np.shape(self._array(key)))
+
+    def dtype(self, key: str) -> np.dtype:
+        return np.asarray(self._array(key)).dtype
+
+    def get(self, key: str) -> np.ndarray:
+        return np.asarray(self._array(key))
+
+    def close(self) -> None:
+        self._arrays = {}
+
+    def _array(self, key: str):
+        try:
+            return self._arrays[key]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {key!r}") from None
+
+
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def safetensors_dtype_name(dtype) -> str:
+    """The safetensors name ("F32", "BF16", ...) of a numpy / jax dtype; UserError if it has none."""
+    dtype = np.dtype(dtype)
+    name = SAFETENSORS_NAMES.get(dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype)
+    if name is None:
+        raise UserError(f"dtype {dtype} cannot be stored in safetensors (supported: {sorted(SAFETENSORS_DTYPES)})")
+    return name
+
+
+class SafetensorsWriter:
+    """Writes one .safetensors file tensor by tensor, holding nothing but the array being written.
+
+    The layout ({name: (dtype, shape)}, in file order) is fixed up front, so the header is written first and
+    every tensor goes straight to its place: whole (`write(name, array)`) or one leading-axis slice at a time
+    (`write(name, array, index=i)`, `array` being `tensor[i]`), in any order. `close()` checks that every
+    byte was written, so a file is never silently left with holes; `abort()` just closes it.
+    """
+
+    def __init__(self, path: str | pathlib.Path, layout: Mapping[str, tuple],
+                 metadata: Mapping[str, str] | None = None):
+        self.path = pathlib.Path(path)
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
+        self._pending: dict[str, set[int] | None] = {}
+        header: dict = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        offset = 0
+        for name, (dtype, shape) in layout.items():
+            dtype, shape = np.dtype(dtype), tuple(int(d) for d in shape)
+            size = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": safetensors_dtype_name(dtype), "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            self._entries[name] = (dtype, shape, offset)
+            self._pending[name] = set(range(shape[0])) if shape else None
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        # The reference writer pads to 8; 64 lets a reader place tensors where jax can use them in place.
+        text += b" " * (-(8 + len(text)) % ARRAY_ALIGN)
+        self._data_start = 8 + len(text)
+        self.nbytes = self._data_start + offset
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._stream = None
+        try:
+            os.ftruncate(self._fd, self.nbytes)
+            if self.nbytes >= DIRECT_MIN_BYTES:
+                self._stream = _DirectStream.open(self.path)
+            self._write_at(struct.pack("<Q", len(text)) + text, 0)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, name: str, array, index: int | None = None) -> None:
+        """Writes tensor `name` whole, or its slice `index` along axis 0; `array` is cast to the layout's dtype."""
+        try:
+            dtype, shape, offset = self._entries[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: {name!r} is not in the file's layout") from None
+        want = shape if index is None else shape[1:]
+        if np.shape(array) != want or (index is not None and not (shape and 0 <= index < shape[0])):
+            where = "" if index is None else f"[{index}]"
+            raise ValueError(f"{self.path}: {name}{where} has shape {np.shape(array)}, layout says {want}"
+                             + ("" if index is None else f" (of {shape})"))
+        data = np.ascontiguousarray(np.asarray(array, dtype=dtype))
+        if index is not None:
+            offset += index * data.nbytes
+        self._write_at(data.reshape(-1).view(np.uint8), self._data_start + offset)
+        pending = self._pending[name]
+        if index is None or pending is None:
+            self._pending[name] = set()
+        else:
+            pending.discard(index)
+
+    def missing(self) -> list[str]:
+        """Tensors (or slices) not written yet."""
+        out = []
+        for name, pending in self._pending.items():
+            if pending is None:
+                out.append(name)
+            elif pending:
+                out.append(name if len(pending) == self._entries[name][1][0] else f"{name}{sorted(pending)}")
+        return out
+
+    def close(self) -> None:
+        """Finishes the file; raises (and leaves it incomplete) if some tensor was not written."""
+        if self._fd is None:
+            return
+        missing = self.missing()
+        if missing:
+            self.abort()
+            raise ValueError(f"{self.path}: never written: {', '.join(missing[:10])}"
+                             + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+        try:
+            self._end_stream()
+        except BaseException:
+            self.abort()
+            raise
+        os.close(self._fd)
+        self._fd = None
+
+    def abort(self) -> None:
+        """Closes the file without any check (the caller deletes it)."""
+        if self._stream is not None:
+            self._stream.abort()
+            self._stream = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _write_at(self, data, offset: int) -> None:
+        """Bytes in file order extend the direct-I/O stream; anything else ends it and goes through the cache."""
+        if self._stream is not None and offset == self._stream.end:
+            if not self._stream.append(data, self._open_fd()):
+                self._stream = None  # direct I/O refused: everything went through `_fd`, and will
+            return
+        self._end_stream()
+        _pwrite_all(self._open_fd(), data, offset)
+
+    def _end_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.finish(self._open_fd())
+            self._stream = None
+
+    def _open_fd(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"{self.path}: writer is closed")
+        return self._fd
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class _DirectStream:
+    """The file's bytes from offset 0 on, as they are appended, written in whole aligned chunks with direct I/O
+    (no page cache: on some hosts filling the cache costs more than the disk write itself). Two chunk buffers:
+    one is written by a background thread while the other fills. `finish` writes the unaligned tail through
+    an ordinary descriptor. If the file system refuses direct I/O, everything falls back to that descriptor."""
+
+    CHUNK = 16 << 20
+
+    def __init__(self, fd: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._fd: int | None = fd
+        self._buffers = [_aligned_empty(self.CHUNK), _aligned_empty(self.CHUNK)]
+        self._current = self._base = self._fill = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="safetensors-write")
+        self._pending = None  # (future, buffer number, file offset) of the chunk being written
+
+    @classmethod
+    def open(cls, path: pathlib.Path) -> "_DirectStream | None":
+        fd = _open_direct(path, os.O_WRONLY)
+        return None if fd is False else cls(fd)
+
+    @property
+    def end(self) -> int:
+        return self._base + self._fill
+
+    def append(self, data, cached_fd: int) -> bool:
+        """Adds `data`. If the file system refuses direct I/O, writes everything not yet on disk (the rest of
+        `data` included) through `cached_fd` instead, closes the stream and returns False."""
+        view, done = memoryview(data).cast("B"), 0
+        while done < len(view):
+            buffer = self._buffers[self._current]
+            n = min(len(view) - done, self.CHUNK - self._fill)
+            buffer[self._fill: self._fill + n] = np.frombuffer(view[done: done + n], np.uint8)
+            self._fill += n
+            done += n
+            if self._fill < self.CHUNK:
+                continue
+            if not self._wait(cached_fd):
+                _pwrite_all(cached_fd, buffer, self._base)
+                _pwrite_all(cached_fd, view[done:], self._base + self.CHUNK)
+                self.abort()
+                return False
+            self._pending = (self._pool.submit(_pwrite_all, self._fd, buffer, self._base), self._current, self._base)
+            self._current ^= 1
+            self._base += self.CHUNK
+            self._fill = 0
+        return True
+
+    def _wait(self, cached_fd: int) -> bool:
+        """Waits for the chunk in flight; if direct I/O failed, rewrites it through `cached_fd`: False."""
+        if self._pending is None:
+            return True
+        future, number, base = self._pending
+        self._pending = None
+        try:
+            future.result()
+            return True
+        except OSError:
+            _pwrite_all(cached_fd, self._buffers[number], base)
+            return False
+
+    def finish(self, cached_fd: int) -> None:
+        """Writes what is buffered (the aligned part directly, the tail through `cached_fd`) and closes."""
+        direct = self._wait(cached_fd)
+        buffer = self._buffers[self._current][: self._fill]
+        aligned = self._fill - self._fill % ALIGN if direct else 0
+        try:
+            if aligned:
+                _pwrite_all(self._fd, buffer[:aligned], self._base)
+        except OSError:
+            aligned = 0
+        _pwrite_all(cached_fd, buffer[aligned:], self._base + aligned)
+        self.abort()
+
+    def abort(self) -> None:
+        """Stops (waiting for the chunk in flight, whatever its outcome) and closes the descriptor."""
+        if self._pending is not None:
+            self._pending[0].exception()
+            self._pending = None
+        self._pool.shutdown(wait=True)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view, done = memoryview(data), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
 class MultiSource(SourceReader):
     """Several readers seen as one; a key present in two of them is an error."""
 
@@ -168,6 +565,9 @@ class MultiSource(SourceReader):
 
     def get(self, key: str) -> np.ndarray:
         return self._reader(key).get(key)
+
+    def read(self, key: str, index=None) -> np.ndarray:
+        return self._reader(key).read(key, index)
 
     def close(self) -> None:
         for reader in self._readers:
