@@ -10,6 +10,7 @@ default sampling config and its pipeline. Adding a family means adding entries h
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import pathlib
 from typing import Any, Callable
 
@@ -74,12 +75,30 @@ def _build_t5(cfg: T5Config, rngs, param_dtype, compute_dtype) -> T5Encoder:
                      rngs=rngs)
 
 
+def _deferred(module: str, attr: str) -> Callable:
+    """`module.attr` (attr may be dotted), imported at first call: models not used cost nothing to import."""
+
+    def call(*args, **kwargs):
+        target = importlib.import_module(module)
+        for name in attr.split("."):
+            target = getattr(target, name)
+        return target(*args, **kwargs)
+
+    return call
+
+
 MODELS: dict[str, ModelSpec] = {
     "stdit3": ModelSpec("stdit3", "STDiT3 diffusion transformer (Open-Sora v1.2)",
                         STDiT3Config.from_reference, _build_stdit3),
     "vae": ModelSpec("vae", "Open-Sora v1.2 video VAE (2D KL autoencoder + causal temporal VAE)",
                      OpenSoraVAEConfig.from_dict, _build_vae),
     "t5": ModelSpec("t5", "T5 v1.1 text encoder", T5Config.from_dict, _build_t5),
+    "mmdit": ModelSpec("mmdit", "MMDiT diffusion transformer (Open-Sora 2.0, Flux.1-dev layout too)",
+                       _deferred("opensora_jax.models.mmdit", "MMDiTConfig.from_reference"),
+                       _deferred("opensora_jax.models.mmdit", "build")),
+    "clip": ModelSpec("clip", "CLIP text tower (pooled output, no projection)",
+                      _deferred("opensora_jax.models.clip", "CLIPTextConfig.from_dict"),
+                      _deferred("opensora_jax.models.clip", "build")),
 }
 
 

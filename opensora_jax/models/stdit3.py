@@ -31,6 +31,7 @@ from opensora_jax.models.layers import (
     rope_interleaved,
     sinusoidal_embedding,
 )
+from opensora_jax.models.remat import REMAT_POLICIES, remat_policy_name  # noqa: F401 - re-exported
 from opensora_jax.models.sequence_parallel import sequence_parallel_mesh, ulysses_attention
 from opensora_jax.parallel import constrain
 from opensora_jax.errors import UserError
@@ -46,25 +47,7 @@ _ACT = ("act_batch", "act_frames", "act_tokens", "act_embed")
 _SPATIAL_HEADS = ("act_batch", "act_frames", None, "act_attn_heads", None)
 _SPATIAL_OUT = ("act_batch", "act_frames", "act_tokens", "act_heads", None)
 
-# Rematerialisation of each (spatial, temporal) block pair in the backward pass, by what the forward keeps:
-# "everything" recomputes the whole block (least memory), "dots" keeps the outputs of the weight matmuls
-# (dot_generals without batch dimensions: projections and MLP, linear in the tokens) and recomputes the rest;
-# attention's q·k and p·v dots have batch dimensions (batch, heads), so the S² logits are never kept.
-# "nothing" turns remat off. Configs written before the names existed say True / False.
-REMAT_POLICIES = {
-    "everything": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "nothing": None,
-}
-
-
-def remat_policy_name(value) -> str:
-    """The remat policy name of a config value: a name of REMAT_POLICIES, or True/False (everything/nothing)."""
-    if isinstance(value, bool):
-        return "everything" if value else "nothing"
-    if not isinstance(value, str) or value not in REMAT_POLICIES:
-        raise UserError(f"remat {value!r} unknown; choose one of {', '.join(REMAT_POLICIES)} (or True / False)")
-    return value
+# Each (spatial, temporal) block pair is one scanned layer for rematerialisation (opensora_jax.models.remat).
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,8 @@ _HANDLERS: list[tuple[Callable[[str], bool], str, str]] = [
     (lambda c: c == "STDiT3", "opensora_jax.tools.parity.stdit3:run", "stdit3"),
     (lambda c: c.startswith("T5EncoderModel"), "opensora_jax.tools.parity.t5:run", "t5"),
     (lambda c: c.startswith("OpenSoraVAE_V1_2"), "opensora_jax.tools.parity.vae_v1_2:run", "vae_v1_2"),
+    (lambda c: c.startswith("MMDiTModel"), "opensora_jax.tools.parity.mmdit:run", "mmdit"),
+    (lambda c: c.startswith("CLIPTextModel"), "opensora_jax.tools.parity.clip:run", "clip_text"),
 ]
 
 
