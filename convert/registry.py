@@ -21,6 +21,8 @@ CONVERTERS: dict[str, str] = {
     "vae": "convert.vae_v1_2",
     "mmdit": "convert.mmdit",
     "clip": "convert.clip",
+    "hunyuan_vae": "convert.hunyuan_vae",
+    "dc_ae": "convert.dc_ae",
 }
 
 

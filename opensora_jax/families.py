@@ -99,6 +99,12 @@ MODELS: dict[str, ModelSpec] = {
     "clip": ModelSpec("clip", "CLIP text tower (pooled output, no projection)",
                       _deferred("opensora_jax.models.clip", "CLIPTextConfig.from_dict"),
                       _deferred("opensora_jax.models.clip", "build")),
+    "hunyuan_vae": ModelSpec("hunyuan_vae", "HunyuanVideo causal 3D VAE (Open-Sora 2.0, 16 channels, 4x8x8)",
+                             _deferred("opensora_jax.models.vae.hunyuan", "HunyuanVAEConfig.from_reference"),
+                             _deferred("opensora_jax.models.vae.hunyuan", "build")),
+    "dc_ae": ModelSpec("dc_ae", "Video DC-AE (Open-Sora 2.0 high compression, 128 channels, 4x32x32)",
+                       _deferred("opensora_jax.models.vae.dc_ae", "DCAEConfig.from_reference"),
+                       _deferred("opensora_jax.models.vae.dc_ae", "build")),
 }
 
 

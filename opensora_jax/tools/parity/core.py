@@ -29,6 +29,9 @@ _HANDLERS: list[tuple[Callable[[str], bool], str, str]] = [
     (lambda c: c.startswith("OpenSoraVAE_V1_2"), "opensora_jax.tools.parity.vae_v1_2:run", "vae_v1_2"),
     (lambda c: c.startswith("MMDiTModel"), "opensora_jax.tools.parity.mmdit:run", "mmdit"),
     (lambda c: c.startswith("CLIPTextModel"), "opensora_jax.tools.parity.clip:run", "clip_text"),
+    (lambda c: c.startswith("AutoencoderKLCausal3D"), "opensora_jax.tools.parity.hunyuan_vae:run", "hunyuan_vae"),
+    (lambda c: c.startswith("DCAE"), "opensora_jax.tools.parity.dc_ae:run", "dc_ae"),
+    (lambda c: c.startswith("Open-Sora 2.0 sampling"), "opensora_jax.tools.parity.sampler_v2:run", "sampler_v2"),
 ]
 
 
