@@ -145,7 +145,7 @@ def test_help_explains_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--model", "--resolution", "--aspect-ratio", "--num-frames", "--mesh", "--train", "--batch",
                  "--dtype", "--devices", "--steps", "--json", "--table", "--table-modes", "--table-resolutions",
-                 "--table-devices", "--table-remat", "--remat", "--attention"):
+                 "--table-devices", "--table-remat", "--remat", "--attention", "--readme", "OpenSora-v2-11B"):
         assert flag in text
 
 

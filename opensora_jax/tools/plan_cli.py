@@ -1,7 +1,9 @@
 """`opensora-plan` / `python -m opensora_jax.tools.plan_cli`: the memory planner's command line.
 
-One plan (`opensora_jax.tools.plan`) or, with --table, the README's per-device memory table
-(`opensora_jax.tools.plan_table`). Invalid names and meshes are argparse errors (exit 2).
+One plan (`opensora_jax.tools.plan`) or, with --table, a README per-device memory table
+(`opensora_jax.tools.plan_table`): STDiT3's by default, the Open-Sora 2.0 MMDiT's with `--model mmdit`;
+`--readme README.md` writes it between that family's markers. Invalid names and meshes are argparse errors
+(exit 2).
 """
 
 from __future__ import annotations
@@ -10,15 +12,19 @@ import argparse
 import dataclasses
 import json
 import os
+import pathlib
 import sys
 from collections.abc import Sequence
 
 from opensora_jax import parallel, presets
+from opensora_jax.models import mmdit
 from opensora_jax.models.stdit3 import PRESETS, STDiT3Config
-from opensora_jax.tools.plan import (DTYPES, REMATS, PlanSpec, VideoShape, format_report, mesh_device_count,
-                                     model_config, plan, request_cpu_devices)
-from opensora_jax.tools.plan_table import (TABLE_DEVICES, TABLE_MODES, TABLE_REMATS, TABLE_RESOLUTIONS, run_table,
-                                           table_specs)
+from opensora_jax.tools.plan import (DTYPES, FAMILY_DEFAULTS, MODEL_ALIASES, REMATS, PlanSpec, VideoShape,
+                                     format_report, mesh_device_count, model_config, model_family, plan,
+                                     request_cpu_devices)
+from opensora_jax.tools.plan_table import (MMDIT_TABLE_RESOLUTIONS, TABLE_DEVICES, TABLE_MARKERS, TABLE_MODES,
+                                           TABLE_REMATS, TABLE_RESOLUTIONS, replace_table, run_table, table_specs,
+                                           update_readme)
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -37,25 +43,35 @@ def _default_attention() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    s3, mm = FAMILY_DEFAULTS["stdit3"], FAMILY_DEFAULTS["mmdit"]
     parser = argparse.ArgumentParser(
         prog="opensora-plan",
-        description="Per-device memory of STDiT3 sampling or training on a device mesh, from XLA's memory "
-                    "analysis of the compiled program. Nothing is allocated: weights, optimizer state and "
-                    "inputs are abstract arrays, and the mesh is made of fake CPU devices.",
-        epilog="Sampling compiles RFlowSampler.sample as the pipeline calls it (all steps in one jit, CFG doubles "
-               "the model batch); --train compiles one train_step (float32 master params + AdamW + EMA, compute "
-               "in --dtype, remat per --remat, state donated). "
+        description="Per-device memory of STDiT3 (Open-Sora v1.2) or MMDiT (Open-Sora 2.0) sampling or training "
+                    "on a device mesh, from XLA's memory analysis of the compiled program. Nothing is allocated: "
+                    "weights, optimizer state and inputs are abstract arrays, and the mesh is made of fake CPU "
+                    "devices.",
+        epilog="STDiT3 sampling compiles RFlowSampler.sample as the pipeline calls it (all steps in one jit, CFG "
+               "doubles the model batch); --train compiles one train_step (float32 master params + AdamW + EMA, "
+               "compute in --dtype, remat per --remat, state donated). MMDiT sampling compiles the Open-Sora 2.0 "
+               "Euler loop (all steps in one jit, the guidance triple makes the model batch 3×); --train one "
+               "rectified-flow step (float32 master params + AdamW, no EMA). "
                "Peak estimate = arguments + outputs + temporaries − aliased.",
     )
-    parser.add_argument("--model", default="STDiT3-XL/2", help=f"STDiT3 preset: {', '.join(sorted(PRESETS))} "
-                        "(default %(default)s)")
-    parser.add_argument("--resolution", default="720p",
-                        help=f"resolution name: {', '.join(presets.resolution_names())} (default %(default)s)")
-    parser.add_argument("--aspect-ratio", default="9:16",
-                        help="aspect-ratio name H:W in the v1.2 convention, e.g. 9:16, 1:1, 16:9 (default %(default)s)")
-    parser.add_argument("--num-frames", default="4s",
-                        help="pixel frames: an integer or a name such as 2s (51), 4s (102), 8s (204) "
-                             "(default %(default)s)")
+    parser.add_argument("--model", default="STDiT3-XL/2",
+                        help=f"STDiT3 preset ({', '.join(sorted(PRESETS))}), MMDiT preset "
+                             f"({', '.join(sorted(mmdit.PRESETS))}) or an alias: "
+                             + ", ".join(f"{a} = {n}" for a, n in MODEL_ALIASES.items()) + " (default %(default)s)")
+    parser.add_argument("--resolution", default=None,
+                        help=f"resolution name: STDiT3 {', '.join(presets.resolution_names())} (default "
+                             f"{s3['resolution']}); MMDiT '<S>px' for a pixel budget of S², e.g. 256px, 768px "
+                             f"(default {mm['resolution']})")
+    parser.add_argument("--aspect-ratio", default=None,
+                        help=f"aspect-ratio name: STDiT3 H:W in the v1.2 convention, e.g. 9:16 (landscape), 1:1 "
+                             f"(default {s3['aspect_ratio']}); MMDiT W:H in the 2.0 convention, e.g. 16:9 "
+                             f"(landscape), 9:16, 2.39:1 (default {mm['aspect_ratio']})")
+    parser.add_argument("--num-frames", default=None,
+                        help=f"pixel frames: an integer or a name such as 2s (51), 4s (102), 8s (204) (default "
+                             f"STDiT3 {s3['num_frames']}, MMDiT {mm['num_frames']})")
     parser.add_argument("--mesh", default="data=1",
                         help="mesh sizes, e.g. 'fsdp=8,sequence=8'; axes data, fsdp, tensor, sequence; unnamed "
                              "axes are 1, one axis may be -1 with --devices (default %(default)s)")
@@ -68,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "master weights) (default %(default)s)")
     parser.add_argument("--devices", type=int, default=None,
                         help="device count; defaults to the mesh size (needed when an axis is -1)")
-    parser.add_argument("--steps", type=int, default=30,
-                        help="sampling steps (compiled as one loop body, so memory hardly depends on it) "
-                             "(default %(default)s)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"sampling steps (compiled as one loop body, so memory hardly depends on it) "
+                             f"(default STDiT3 {s3['steps']}, MMDiT {mm['steps']})")
     parser.add_argument("--remat", default="everything", choices=REMATS,
                         help="training's per-block remat policy: everything (recompute each block), dots (keep "
                              "the projection/MLP matmul outputs), nothing (no remat); sampling ignores it "
@@ -82,16 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--table", action="store_true",
                         help="print a Markdown table instead of one plan: sampling (batch 1) and training (one "
                              "sample per data-parallel rank) of --model at --aspect-ratio and --num-frames, for "
-                             "each of --table-resolutions and --table-devices on preset meshes")
+                             "each of --table-resolutions and --table-devices on preset meshes (the README's "
+                             "STDiT3 table; with --model mmdit the README's MMDiT table)")
     parser.add_argument("--table-modes", type=_csv, default=TABLE_MODES, metavar="MODES",
                         help=f"with --table: a subset of {','.join(TABLE_MODES)}")
-    parser.add_argument("--table-resolutions", type=_csv, default=TABLE_RESOLUTIONS, metavar="RESOLUTIONS",
-                        help=f"with --table: resolutions (default {','.join(TABLE_RESOLUTIONS)})")
+    parser.add_argument("--table-resolutions", type=_csv, default=None, metavar="RESOLUTIONS",
+                        help=f"with --table: resolutions (default STDiT3 {','.join(TABLE_RESOLUTIONS)}; MMDiT "
+                             f"sampling {','.join(MMDIT_TABLE_RESOLUTIONS['sample'])}, training "
+                             f"{','.join(MMDIT_TABLE_RESOLUTIONS['train'])})")
     parser.add_argument("--table-devices", type=_int_csv, default=TABLE_DEVICES, metavar="COUNTS",
                         help=f"with --table: device counts, a subset of {','.join(map(str, TABLE_DEVICES))}")
     parser.add_argument("--table-remat", type=_csv, default=TABLE_REMATS, metavar="POLICIES",
                         help=f"with --table: training rows for each of these remat policies ({','.join(REMATS)}); "
                              f"any other than the default {','.join(TABLE_REMATS)} adds a Remat column")
+    parser.add_argument("--readme", metavar="PATH",
+                        help="with --table: also write the table into PATH between the model family's markers "
+                             f"({TABLE_MARKERS['mmdit'][0]} ... {TABLE_MARKERS['mmdit'][1]} for the MMDiT, "
+                             f"{TABLE_MARKERS['stdit3'][0]} ... for STDiT3)")
     return parser
 
 
@@ -119,11 +142,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                              aspect_ratio=args.aspect_ratio, num_frames=args.num_frames, remats=args.table_remat,
                              attention=args.attention) if args.table
                  else [_spec_from_args(args)])
+        if args.readme:  # before compiling: a README without the markers fails now, not after the table
+            if not args.table:
+                raise ValueError("--readme needs --table")
+            if not os.path.isfile(args.readme):
+                raise ValueError(f"{args.readme} not found")
+            replace_table(pathlib.Path(args.readme).read_text(), model_family(args.model), "", args.readme)
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         request_cpu_devices(_validate(specs))
         if args.table:
             markdown, results = run_table(specs)
             print(markdown)
+            if args.readme:
+                update_readme(args.readme, model_family(args.model), markdown)
+                print(f"updated the {model_family(args.model)} memory table in {args.readme}", file=sys.stderr)
         else:
             results = [plan(specs[0])]
             print(format_report(results[0]))
