@@ -178,3 +178,68 @@ def test_ring_rejects_bad_layouts():
         ring_attention(q, k, v, mesh=mesh, key_mask=jnp.ones((2, 5), bool))
     with pytest.raises(ValueError, match="at least 4 dims"):
         ring_attention(q[0], k[0], v[0], mesh=mesh)
+
+
+# -- ring attention tiled into query × key blocks within each ring step ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, batch, video_len, block_q, block_k",
+    [
+        # L = 45 + padding 3 → 6 per device; 2 query blocks of 3, 3 key blocks of 2
+        ("sequence=8", 2, 40, 4, 2),
+        # L = 42 + padding 2 → 11 per device; 3 query blocks of 4, 4 key blocks of 3 (tiles padded to 12)
+        ("tensor=2,sequence=4", 2, 37, 4, 3),
+        # no ring: 21 tokens on one device in 3 query blocks of 7 and 5 key blocks of 5 (padded to 25)
+        ("data=8", 2, 16, 7, 5),
+    ],
+)
+def test_ring_tiled_matches_untiled_and_unsharded(spec, batch, video_len, block_q, block_k):
+    """Ring steps cut into several query and key blocks (with ring padding, tile padding and a sample whose keys
+    are all masked) give the one-tile ring's and dot_product_attention's result, forward and gradients."""
+    mesh = parallel.make_mesh(spec)
+    q, k, v, key_mask = _joint(batch, video_len)
+    key_mask = key_mask.at[-1].set(False)
+
+    def ring(block_q, block_k):
+        return lambda q, k, v: ring_attention(q, k, v, mesh=mesh, key_mask=key_mask, block_q=block_q,
+                                              block_k=block_k)
+
+    tiled, untiled = ring(block_q, block_k), ring(1 << 20, 1 << 20)
+
+    def reference(q, k, v):
+        return _reference(q, k, v, key_mask)
+
+    out = _run_sharded(tiled, mesh, q, k, v)
+    _assert_close(out, _run_sharded(untiled, mesh, q, k, v), "forward vs untiled")
+    _assert_close(out, reference(q, k, v), "forward vs unsharded")
+    grads = _run_sharded(jax.grad(_loss(tiled), argnums=(0, 1, 2)), mesh, q, k, v)
+    untiled_grads = _run_sharded(jax.grad(_loss(untiled), argnums=(0, 1, 2)), mesh, q, k, v)
+    expected = jax.grad(_loss(reference), argnums=(0, 1, 2))(q, k, v)
+    for name, got, one_tile, want in zip("qkv", grads, untiled_grads, expected):
+        _assert_close(got, one_tile, f"d{name} vs untiled")
+        _assert_close(got, want, f"d{name} vs unsharded")
+
+
+def test_ring_temporaries_grow_linearly_in_length():
+    """Compiled per-device temporaries (forward, and forward + backward) of the tiled ring grow about linearly
+    with L; the one-tile ring's (L/n)² logits grow quadratically (the 768px MMDiT case, scaled down)."""
+    mesh = parallel.make_mesh("sequence=8")
+
+    def temporaries(length, block, grad):
+        def fn(q, k, v):
+            return ring_attention(q, k, v, mesh=mesh, block_q=block, block_k=block)
+
+        if grad:
+            fn = jax.grad(lambda q, k, v, f=fn: jnp.sum(f(q, k, v)), argnums=(0, 1, 2))
+        arg = jax.ShapeDtypeStruct((1, length, 2, 8), jnp.float32)
+        with parallel.sharding_context(mesh):
+            return jax.jit(fn).lower(arg, arg, arg).compile().memory_analysis().temp_size_in_bytes
+
+    short, long = 8 * 512, 8 * 2048  # 512 and 2048 tokens per device, 4× longer
+    for grad in (False, True):
+        tiled_short, tiled_long = temporaries(short, 128, grad), temporaries(long, 128, grad)
+        untiled_long = temporaries(long, long, grad)
+        logits = 2 * (long // 8) ** 2 * 4  # one float32 (L/n)² · heads buffer
+        assert tiled_long < 6 * tiled_short, (grad, tiled_short, tiled_long)  # quadratic would be 16×
+        assert tiled_long < logits / 10 and untiled_long > logits, (grad, tiled_long, logits, untiled_long)

@@ -13,14 +13,18 @@ output back. Needs L and the heads per device (heads / tensor) divisible by n = 
 `ring_attention` (a joint text+image sequence, as in Open-Sora 2.0's MMDiT: text tokens + video tokens, up
 to 76.5k, attended together). Each device keeps its block of queries; the K/V blocks (and their key mask)
 travel around the ring with `ppermute`, and the output is accumulated with an online softmax in float32.
+Each ring step is tiled as `attention.blockwise_attention` is (its `block_layout`, BLOCK_Q / BLOCK_K and
+strided blocks): the local queries in query blocks against the visiting keys in key blocks, the softmax
+statistics carried across tiles and ring steps.
 Why ring rather than Ulysses here, with N = L·heads·head_dim elements per q/k/v and n devices:
   - Heads: Ulysses needs (heads / tensor) % n == 0. MMDiT has 24 heads: tensor=2 leaves 12, which
     sequence=8 does not divide, and sequence=16 never divides 24. Ring has no condition on heads, and
     supports any L (padded up to a multiple of n with keys that are never attended).
   - Memory per device: both hold O(N/n) of q/k/v/o (ring: q, o, the current and the next K/V block). Logits:
     Ulysses' local attention sees L × L·heads/n of them (70 GB per sample in float32 at 76.5k tokens, 24
-    heads, n=8, so it needs a blockwise or fused local attention); a ring step forms (L/n)² · heads, n times
-    fewer (8.8 GB there). Tiling each ring step into key blocks would bound that further; not done here.
+    heads, n=8, so it needs a blockwise or fused local attention); an untiled ring step would form
+    (L/n)² · heads, n times fewer (8.8 GB there), and the tiled one forms block_q × block_k · heads at a time
+    (1024 × 512 by default: 50 MB per sample there), whatever L.
   - Communication per device and forward pass: Ulysses 4 all-to-alls of ~N/n each (≈ 4N/n, shrinking
     with n); ring (n−1) steps of the K and V blocks (≈ 2N, constant in n; backward ≈ 4N). Ring sends more,
     but each step's ppermute is independent of that step's block computation ((L/n)²·heads·head_dim
@@ -30,7 +34,8 @@ Why ring rather than Ulysses here, with N = L·heads·head_dim elements per q/k/
     text/video boundary needs the text on one device.
 The ring has a custom VJP (flash-attention style): forward saves q, k, v, o and the per-row softmax max and
 sum, backward runs a second ring in which dK/dV accumulators travel with their K/V block and arrive home
-after n steps, so no device holds more than two K/V blocks (and one dK/dV pair) or one block of logits.
+after n steps, so no device holds more than two K/V blocks (and one dK/dV pair) or one tile of logits; each
+ring step there is FlashAttention-2's backward over the tiles, recomputing probabilities from the statistics.
 """
 
 from __future__ import annotations
@@ -38,13 +43,15 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from opensora_jax import parallel
+from opensora_jax.models import attention
+from opensora_jax.models.attention import _block, _dot, _pad_axis, _set_block
 
 log = logging.getLogger(__name__)
 _logged: set[tuple] = set()
@@ -189,17 +196,44 @@ def ulysses_attention(
 # ----------------------------------------------------------------------------------------------------------
 
 # Per-key codes travelling with each K/V block. A caller-masked key gets logit finfo.min (as in
-# dot_product_attention, so a row whose keys are all masked averages them); a padding key gets −inf and
-# never counts. Running maxima start at finfo.min or above, so −inf never meets −inf (no NaN).
+# dot_product_attention, so a row whose keys are all masked averages them); a padding key (the ring's padding
+# of L to a multiple of n, or a tile's padding of L/n to whole key blocks) gets −inf and never counts. Running
+# maxima start at finfo.min, so −inf never meets −inf (no NaN).
 _ATTEND, _MASKED, _PADDING = 1, 0, -1
 _MIN = float(jnp.finfo(jnp.float32).min)
 
 
-def _logits(q_scaled: jax.Array, k: jax.Array, code: jax.Array) -> jax.Array:
-    """(…, Lq, h, d) · (…, Lk, h, d) → float32 (…, Lq, h, Lk), with masked and padding keys filled in."""
-    s = jnp.einsum("...qhd,...khd->...qhk", q_scaled, k, preferred_element_type=jnp.float32)
-    code = code[..., None, None, :]
-    return jnp.where(code == _ATTEND, s, jnp.where(code == _MASKED, _MIN, -jnp.inf))
+class _Tiles(NamedTuple):
+    """How one device's L/n queries and the L/n keys of a visiting block are cut (attention.block_layout):
+    nq strided query blocks of bq tokens, nk strided key blocks of bk tokens (padded up to bq·nq, bk·nk)."""
+
+    bq: int
+    nq: int
+    bk: int
+    nk: int
+
+    @classmethod
+    def of(cls, length: int, block_q: int | None, block_k: int | None) -> "_Tiles":
+        return cls(*attention.block_layout(length, block_q or attention.BLOCK_Q),
+                   *attention.block_layout(length, block_k or attention.BLOCK_K))
+
+
+def _heads_first(a: jax.Array, length: int) -> jax.Array:
+    """(…, L, h, d) → the blockwise kernel's (…, h, length, d), padded with zeros at the end up to `length`."""
+    return _pad_axis(jnp.swapaxes(a, -3, -2), -2, length)
+
+
+def _tokens_first(a: jax.Array, length: int) -> jax.Array:
+    """Inverse of `_heads_first`: (…, h, ≥length, d) → (…, length, h, d)."""
+    return jnp.swapaxes(a[..., :length, :], -3, -2)
+
+
+def _tile_logits(qi: jax.Array, kj: jax.Array, cj: jax.Array) -> jax.Array:
+    """float32 logits (…, h, bq, bk) of a pre-scaled query block and a key block with codes cj (…, bk):
+    masked keys at float32's minimum, padding keys at −inf."""
+    s = _dot("logits", qi, kj, False)
+    cj = cj[..., None, None, :]
+    return jnp.where(cj == _ATTEND, s, jnp.where(cj == _MASKED, _MIN, -jnp.inf))
 
 
 def _rotate(tree, axis: str, n: int):
@@ -208,90 +242,140 @@ def _rotate(tree, axis: str, n: int):
     return jax.tree.map(lambda a: jax.lax.ppermute(a, axis, perm), tree)
 
 
-def _ring_forward(q, k, v, code, axis: str, n: int):
-    """Online softmax over the n K/V blocks: returns (o float32 unnormalised, row max m, row sum l)."""
-    q_scaled = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+def _ring_inputs(q, k, v, code, tiles: _Tiles):
+    """The local blocks in the tiled layout: q pre-scaled (…, h, bq·nq, d); k, v (…, h, bk·nk, d); code (…, bk·nk)
+    with the tile padding marked as padding keys. Scaling q in its dtype before q·k, as dot_product_attention."""
+    qc = _heads_first(q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), tiles.bq * tiles.nq)
+    kc, vc = (_heads_first(a, tiles.bk * tiles.nk) for a in (k, v))
+    pad = tiles.bk * tiles.nk - code.shape[-1]
+    code = jnp.pad(code, [(0, 0)] * (code.ndim - 1) + [(0, pad)], constant_values=_PADDING) if pad else code
+    return qc, kc, vc, code
 
-    def accumulate(stats, block):
-        o, m, l = stats
-        bk, bv, bcode = block
-        s = _logits(q_scaled, bk, bcode)
-        m_new = jnp.maximum(m, s.max(-1))
-        p, correction = jnp.exp(s - m_new[..., None]), jnp.exp(m - m_new)
-        pv = jnp.einsum("...qhk,...khd->...qhd", p.astype(bv.dtype), bv, preferred_element_type=jnp.float32)
-        return o * correction[..., None] + pv, m_new, l * correction + p.sum(-1)
 
-    def first(block):  # the own block starts the statistics, so they carry the block's sharding type
-        bk, bv, bcode = block
-        s = _logits(q_scaled, bk, bcode)
-        m = jnp.maximum(s.max(-1), _MIN)
-        p = jnp.exp(s - m[..., None])
-        o = jnp.einsum("...qhk,...khd->...qhd", p.astype(bv.dtype), bv, preferred_element_type=jnp.float32)
-        return o, m, p.sum(-1)
+def _ring_forward(q, k, v, code, axis: str, n: int, tiles: _Tiles):
+    """Online softmax over the n K/V blocks, each visited tile by tile (query blocks × key blocks).
 
-    own = (k, v, code)
+    Returns float32 (o unnormalised (…, h, bq·nq, d), row max m, row sum l (…, h, bq·nq)) in the tiled layout.
+    Per device and ring step the temporaries are one tile's logits (…, h, bq, bk), not (…, L/n, h, L/n).
+    """
+    nq, nk = tiles.nq, tiles.nk
+    qc, kc, vc, code = _ring_inputs(q, k, v, code, tiles)
+    # zeros_like keeps q's type over the manual mesh axes, so the loop carries type-check under shard_map.
+    acc = jnp.zeros_like(qc, dtype=jnp.float32)
+    m = jnp.full_like(acc[..., 0], _MIN)
+    l = jnp.zeros_like(acc[..., 0])
+
+    def visit(stats, block):
+        """Folds one K/V block (…, h, bk·nk, d) into the statistics, query block by query block."""
+        kb, vb, cb = block
+
+        def query_step(stats, i):
+            acc, m, l = stats
+            qi = _block(qc, -2, nq, i)
+
+            def key_step(carry, j):
+                acc_i, m_i, l_i = carry
+                s = _tile_logits(qi, _block(kb, -2, nk, j), _block(cb, -1, nk, j))
+                m_new = jnp.maximum(m_i, s.max(-1))
+                p, correction = jnp.exp(s - m_new[..., None]), jnp.exp(m_i - m_new)
+                pv = _dot("out", p.astype(vb.dtype), _block(vb, -2, nk, j), False)
+                return (acc_i * correction[..., None] + pv, m_new, l_i * correction + p.sum(-1)), None
+
+            rows = (_block(acc, -2, nq, i), _block(m, -1, nq, i), _block(l, -1, nq, i))
+            acc_i, m_i, l_i = jax.lax.scan(key_step, rows, jnp.arange(nk))[0]
+            return (_set_block(acc, -2, nq, i, acc_i), _set_block(m, -1, nq, i, m_i),
+                    _set_block(l, -1, nq, i, l_i)), None
+
+        return jax.lax.scan(query_step, stats, jnp.arange(nq))[0]
+
+    own, stats = (kc, vc, code), (acc, m, l)
     if n == 1:
-        return first(own)
+        return visit(stats, own)
     # The next block is always sent before the current one is used, so the transfer can overlap the compute.
-    block, stats = _rotate(own, axis, n), first(own)
+    block, stats = _rotate(own, axis, n), visit(stats, own)
 
     def step(_, carry):
         block, stats = carry
-        return _rotate(block, axis, n), accumulate(stats, block)
+        return _rotate(block, axis, n), visit(stats, block)
 
     block, stats = jax.lax.fori_loop(0, n - 2, step, (block, stats))
-    return accumulate(stats, block)
+    return visit(stats, block)
 
 
-def _ring_backward(q, k, v, code, o, m, l, do, axis: str, n: int):
-    """Gradients (dq, dk, dv) float32; the dK/dV of each block travel with it and come home after n steps."""
-    scale = q.shape[-1] ** -0.5
-    q_scaled = q * jnp.asarray(scale, q.dtype)
-    delta = jnp.sum(do.astype(jnp.float32) * o, axis=-1)  # (…, Lq, h): rowsum(dO ∘ O)
+def _ring_backward(q, k, v, code, o, m, l, do, axis: str, n: int, tiles: _Tiles):
+    """Gradients (dq, dk, dv) float32 in q's layout; the dK/dV of each block travel with it and come home after
+    n steps. Each ring step is FlashAttention-2's backward over the tiles (key blocks outer, query blocks inner),
+    recomputing the probabilities from the saved row statistics m, l (tiled layout, as `_ring_forward` gives)."""
+    nq, nk, padded_q = tiles.nq, tiles.nk, tiles.bq * tiles.nq
+    length, scale = q.shape[-3], q.shape[-1] ** -0.5
+    qc, kc, vc, code = _ring_inputs(q, k, v, code, tiles)
+    doc = _heads_first(do, padded_q)
+    delta = jnp.sum(doc.astype(jnp.float32) * _heads_first(o, padded_q), axis=-1)  # rowsum(dO ∘ O)
+    inv_l = 1.0 / l
 
-    def grads(block):
-        bk, bv, bcode = block
-        p = jnp.exp(_logits(q_scaled, bk, bcode) - m[..., None]) / l[..., None]
-        dv = jnp.einsum("...qhk,...qhd->...khd", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
-        dp = jnp.einsum("...qhd,...khd->...qhk", do, bv, preferred_element_type=jnp.float32)
-        ds = jnp.where(bcode[..., None, None, :] == _ATTEND, p * (dp - delta[..., None]), 0.0)
-        dq = jnp.einsum("...qhk,...khd->...qhd", ds.astype(bk.dtype), bk, preferred_element_type=jnp.float32)
-        dk = jnp.einsum("...qhk,...qhd->...khd", ds.astype(q.dtype), q_scaled, preferred_element_type=jnp.float32)
-        return dq * scale, dk, dv
+    def visit(dq, acc, block):
+        """Adds one K/V block's terms to dq (…, h, bq·nq, d) and to the block's travelling dK/dV `acc`."""
+        kb, vb, cb = block
 
-    own = (k, v, code)
-    if n == 1:
-        return grads(own)
-    dq, dk, dv = grads(own)
-    block, acc = _rotate(own, axis, n), _rotate((dk, dv), axis, n)
+        def key_step(carry, j):
+            dq, dk, dv = carry
+            kj, vj, cj = _block(kb, -2, nk, j), _block(vb, -2, nk, j), _block(cb, -1, nk, j)
+            attend = (cj == _ATTEND)[..., None, None, :]
 
-    def step(_, carry):
-        block, dq, acc = carry
-        gq, gk, gv = grads(block)
-        return _rotate(block, axis, n), dq + gq, _rotate((acc[0] + gk, acc[1] + gv), axis, n)
+            def query_step(carry, i):
+                dq, dk_j, dv_j = carry
+                qi, do_i = _block(qc, -2, nq, i), _block(doc, -2, nq, i)
+                p = jnp.exp(_tile_logits(qi, kj, cj) - _block(m, -1, nq, i)[..., None])
+                p = p * _block(inv_l, -1, nq, i)[..., None]
+                dv_j = dv_j + _dot("key_grad", p.astype(do_i.dtype), do_i, False)
+                dp = _dot("logits", do_i, vj, False)
+                # the reference's where() passes no gradient to masked logits
+                ds = jnp.where(attend, p * (dp - _block(delta, -1, nq, i)[..., None]), 0.0)
+                dq_i = _block(dq, -2, nq, i) + _dot("out", ds.astype(kj.dtype), kj, False)
+                dk_j = dk_j + _dot("key_grad", ds.astype(qi.dtype), qi, False)
+                return (_set_block(dq, -2, nq, i, dq_i), dk_j, dv_j), None
 
-    block, dq, acc = jax.lax.fori_loop(0, n - 2, step, (block, dq, acc))
-    gq, gk, gv = grads(block)
-    dk, dv = _rotate((acc[0] + gk, acc[1] + gv), axis, n)
-    return dq + gq, dk, dv
+            zeros = jnp.zeros_like(kj, dtype=jnp.float32)
+            dq, dk_j, dv_j = jax.lax.scan(query_step, (dq, zeros, zeros), jnp.arange(nq))[0]
+            dk = _set_block(dk, -2, nk, j, _block(dk, -2, nk, j) + dk_j)
+            dv = _set_block(dv, -2, nk, j, _block(dv, -2, nk, j) + dv_j)
+            return (dq, dk, dv), None
+
+        dq, dk, dv = jax.lax.scan(key_step, (dq, *acc), jnp.arange(nk))[0]
+        return dq, (dk, dv)
+
+    own = (kc, vc, code)
+    dq, acc = visit(jnp.zeros_like(qc, dtype=jnp.float32), (jnp.zeros_like(kc, dtype=jnp.float32),) * 2, own)
+    if n > 1:
+        block, acc = _rotate(own, axis, n), _rotate(acc, axis, n)
+
+        def step(_, carry):
+            block, dq, acc = carry
+            dq, acc = visit(dq, acc, block)
+            return _rotate(block, axis, n), dq, _rotate(acc, axis, n)
+
+        block, dq, acc = jax.lax.fori_loop(0, n - 2, step, (block, dq, acc))
+        dq, acc = visit(dq, acc, block)
+        acc = _rotate(acc, axis, n)
+    dk, dv = acc
+    return _tokens_first(dq, length) * scale, _tokens_first(dk, length), _tokens_first(dv, length)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _ring_local(q, k, v, code, axis: str, n: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _ring_local(q, k, v, code, axis: str, n: int, tiles: _Tiles):
     """One device's part of ring attention: local blocks (b, *A, L/n, h, d), code (…, L/n) int8."""
-    o, _, l = _ring_forward(q, k, v, code, axis, n)
-    return (o / l[..., None]).astype(v.dtype)
+    return _ring_local_fwd(q, k, v, code, axis, n, tiles)[0]
 
 
-def _ring_local_fwd(q, k, v, code, axis, n):
-    o, m, l = _ring_forward(q, k, v, code, axis, n)
-    o = o / l[..., None]
+def _ring_local_fwd(q, k, v, code, axis, n, tiles):
+    o, m, l = _ring_forward(q, k, v, code, axis, n, tiles)
+    o = _tokens_first(o / l[..., None], q.shape[-3])
     return o.astype(v.dtype), (q, k, v, code, o, m, l)
 
 
-def _ring_local_bwd(axis, n, residuals, do):
+def _ring_local_bwd(axis, n, tiles, residuals, do):
     q, k, v, code, o, m, l = residuals
-    dq, dk, dv = _ring_backward(q, k, v, code, o, m, l, do, axis, n)
+    dq, dk, dv = _ring_backward(q, k, v, code, o, m, l, do, axis, n, tiles)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
@@ -306,6 +390,8 @@ def ring_attention(
     mesh: Mesh,
     axis: str = "sequence",
     key_mask: jax.Array | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
 ) -> jax.Array:
     """Softmax attention over L with L split on mesh axis `axis`: K/V blocks rotate around the ring.
 
@@ -314,6 +400,9 @@ def ring_attention(
     statistics in float32, as `dot_product_attention`'s xla path (a row whose keys are all masked averages
     v over them, as there). Any L: when n (the size of `axis`) does not divide it, the sequence is padded
     at the end with keys that are never attended and the padding cut from the output. Any head count.
+    Each ring step runs tile by tile: the device's L/n queries in blocks of at most `block_q` tokens against
+    the visiting L/n keys in blocks of at most `block_k` (default attention.BLOCK_Q / BLOCK_K, laid out by
+    attention.block_layout), so temporaries are one tile's logits, forward and backward.
     Returns q's shape and dtype of v. Differentiable (custom VJP, see the module docstring).
     """
     _check_layout(q, k, v, "ring_attention")
@@ -322,13 +411,14 @@ def ring_attention(
     seq_dim, length = q.ndim - 3, q.shape[-3]
     code = jnp.full((1,) * seq_dim + (length,), _ATTEND, jnp.int8) if key_mask is None else key_mask.astype(jnp.int8)
     if n == 1:  # no ring: the same computation on the one block, outside shard_map
-        return _ring_local(q, k, v, code, axis, 1)
+        return _ring_local(q, k, v, code, axis, 1, _Tiles.of(length, block_q, block_k))
     pad = -length % n
     if pad:
         q, k, v = (jnp.pad(a, [(0, 0)] * seq_dim + [(0, pad), (0, 0), (0, 0)]) for a in (q, k, v))
         code = jnp.pad(code, [(0, 0)] * seq_dim + [(0, pad)], constant_values=_PADDING)
+    tiles = _Tiles.of((length + pad) // n, block_q, block_k)
     qkv_spec = _spec(q.shape, mesh, axis, seq_dim=seq_dim, heads=True)
     code_spec = _spec(code.shape, mesh, axis, seq_dim=seq_dim, heads=False)
-    local = lambda q, k, v, code: _ring_local(q, k, v, code, axis, n)  # noqa: E731
+    local = lambda q, k, v, code: _ring_local(q, k, v, code, axis, n, tiles)  # noqa: E731
     o = parallel.shard_map(local, mesh=mesh, in_specs=(qkv_spec,) * 3 + (code_spec,), out_specs=qkv_spec)(q, k, v, code)
     return o[..., :length, :, :] if pad else o
