@@ -18,20 +18,32 @@ from opensora_jax.tools.parity.core import find_handler, relative_error, run_cas
 LINE = re.compile(r"^(PASS|FAIL) (\S+) (\S+) worst=(\S+) tol=(\S+)")
 
 
-def test_every_v1_2_component_has_a_handler(fixtures_dir):
-    for case_json in sorted((fixtures_dir / "opensora_v1_2").glob("*/case.json")):
+def test_every_component_has_a_handler(fixtures_dir):
+    for case_json in sorted(fixtures_dir.glob("opensora_v*/*/case.json")):
         component = json.loads(case_json.read_text())["component"]
         assert find_handler(component) is not None, f"{case_json.parent.name}: {component}"
 
 
+def _unsupported_case(fixtures_dir, directory):
+    """clip_text_tiny relabelled as a component no handler serves."""
+    source = fixtures_dir / "opensora_v2_0" / "clip_text_tiny"
+    directory.mkdir()
+    meta = json.loads((source / "case.json").read_text())
+    meta.update(case="unknown_tiny", component="FluxAutoEncoder2D (not ported)")
+    (directory / "case.json").write_text(json.dumps(meta))
+    for name in ("io.npz", "weights.safetensors"):
+        (directory / name).symlink_to(source / name)
+    return directory
+
+
 def test_cli_lines_summary_exit_status_and_json(fixtures_dir, tmp_path):
-    cases = [fixtures_dir / "opensora_v1_2" / "t5_tiny", fixtures_dir / "opensora_v2_0" / "clip_text_tiny"]
+    cases = [fixtures_dir / "opensora_v1_2" / "t5_tiny", _unsupported_case(fixtures_dir, tmp_path / "unknown")]
     report = tmp_path / "parity.json"
     done = subprocess.run([sys.executable, "-m", "opensora_jax.parity", *map(str, cases), "--json", str(report)],
                           capture_output=True, text=True, timeout=600)
     lines = done.stdout.strip().splitlines()
     assert LINE.match(lines[0]) and lines[0].startswith("PASS t5_tiny t5 ")
-    assert lines[1].startswith("FAIL clip_text_tiny") and "unsupported component" in lines[1]
+    assert lines[1].startswith("FAIL unknown_tiny") and "unsupported component" in lines[1]
     assert lines[-1] == "1 passed, 1 failed" and len(lines) == 3
     assert done.returncode == 1
 
@@ -48,7 +60,7 @@ def test_cli_lines_summary_exit_status_and_json(fixtures_dir, tmp_path):
     assert all(0 <= err <= t5["tol"] for err in t5["errors"].values())
     assert clip["handler"] is None and not clip["passed"] and clip["detail"] == "unsupported component"
     assert clip["worst"] == "inf" and clip["errors"] and all(err is None for err in clip["errors"].values())
-    assert [p.name for p in tmp_path.iterdir()] == ["parity.json"]  # no temporary file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parity.json", "unknown"]  # no temporary file left
 
 
 # --------------------------------------------------------------------------- tiny fake cases
