@@ -1213,6 +1213,8 @@ def _run_tiled(model: DCAE, kind: str, x: jax.Array, plan: _TilePlan, mesh: Mesh
     # Temporal tiles go in groups large enough to keep every device busy; each group is blended into the output as
     # soon as it is back, so only one group's tile results (and the previous blended tile) are held at a time.
     group = max(1, math.ceil(runner.devices / (b * len(rows) * len(cols))))
+    if isinstance(x, jax.core.Tracer):  # inside a caller's jit: every tile in one loop per shape (`_ItemRunner.run`)
+        group = len(t_ranges)
     spec_tiles = (len(rows), len(cols), spatial)
     pieces, previous = [], None
     for g0 in range(0, len(t_ranges), group):
@@ -1320,7 +1322,19 @@ class _ItemRunner:
         chunks: list[jax.Array] = []
         where: list[tuple[int, int] | None] = [None] * len(boxes)
         d = self.devices
+        traced = isinstance(x, jax.core.Tracer)
         for size, members in by_size.items():
+            if traced:  # inside a caller's jit: one loop per item shape, so tiles reuse one working set
+                steps = -(-len(members) // d)
+                rows = [boxes[i][:4] for i in members]
+                rows += [rows[0]] * (steps * d - len(rows))
+                starts = jnp.asarray(np.asarray(rows, np.int32).reshape(steps, d, 4))
+                out = jax.lax.map(lambda r, size=size: _items_fn(self.graphdef, self.state, _take_fn(x, r, size),
+                                                                 self.kind, self.mesh), starts)
+                for k, i in enumerate(members):
+                    where[i] = (len(chunks) + k // d, k % d)
+                chunks.extend(out[j] for j in range(steps))
+                continue
             for start in range(0, len(members), d):
                 part = members[start:start + d]
                 rows = [boxes[i][:4] for i in part]
