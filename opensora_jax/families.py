@@ -125,6 +125,12 @@ FAMILIES: dict[str, Family] = {
         sample_config=CONFIGS_DIR / "opensora_v1_2" / "sample.py",
         pipeline="opensora_jax.pipelines.opensora_v1_2:Pipeline",
     ),
+    "opensora_v2_0": Family(
+        name="opensora_v2_0",
+        models={"denoiser": "mmdit", "vae": "hunyuan_vae", "text": "t5", "pooled_text": "clip"},
+        sample_config=CONFIGS_DIR / "opensora_v2_0" / "sample_256px.py",
+        pipeline="opensora_jax.pipelines.opensora_v2_0:Pipeline",
+    ),
 }
 
 

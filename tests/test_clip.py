@@ -27,6 +27,7 @@ from convert.registry import load_model  # noqa: E402
 from opensora_jax.errors import UserError  # noqa: E402
 from opensora_jax.families import MODELS  # noqa: E402
 from opensora_jax.models.clip import PRESETS, CLIPTextConfig  # noqa: E402
+from tests.tiny import write_clip_bpe  # noqa: E402
 
 
 def rel_err(ours, want) -> float:
@@ -309,32 +310,6 @@ def test_converter_cli(case, tiny_model, tmp_path):
 
 
 # --- the Open-Sora 2.0 text conditioner -------------------------------------------------------------------
-
-
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP's printable stand-in for each of the 256 bytes, in CLIP's vocabulary order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            chars.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in chars]
-
-
-BPE_MERGES = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>")]
-
-
-def write_clip_bpe(directory: pathlib.Path) -> pathlib.Path:
-    """A tiny CLIP BPE tokenizer (vocab.json + merges.txt) laid out like CLIP's: the 256 byte symbols, the same
-    with "</w>", the merges, then <|startoftext|> (516) and <|endoftext|> (517, the largest id, also padding)."""
-    chars = _bytes_to_unicode()
-    vocab = chars + [c + "</w>" for c in chars] + [a + b for a, b in BPE_MERGES]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in BPE_MERGES))
-    return directory
 
 
 T5_CORPUS = ["a cat sitting on a mat", "a dog running in the park", "aerial view of a city at night"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import pathlib
 
 import numpy as np
@@ -28,6 +29,32 @@ VAE_CONFIG = {
                      "channel_multipliers": [1, 1, 1, 1], "temporal_downsample": [False, True, True],
                      "num_groups": 4, "activation_fn": "swish"},
 }
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP's printable stand-in for each of the 256 bytes, in CLIP's vocabulary order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            chars.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in chars]
+
+
+BPE_MERGES = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>")]
+
+
+def write_clip_bpe(directory: pathlib.Path) -> pathlib.Path:
+    """A tiny CLIP BPE tokenizer (vocab.json + merges.txt) laid out like CLIP's: the 256 byte symbols, the same
+    with "</w>", the merges, then <|startoftext|> (516) and <|endoftext|> (517, the largest id, also padding)."""
+    chars = _bytes_to_unicode()
+    vocab = chars + [c + "</w>" for c in chars] + [a + b for a, b in BPE_MERGES]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in BPE_MERGES))
+    return directory
 
 
 def write_spiece(directory: pathlib.Path) -> pathlib.Path:
@@ -87,3 +114,53 @@ def random_vae_weights(config: dict, seed: int = 0):
             centre = 1.0 if path[-1] == "scale" else 0.0
             flat[name] = (centre + rng.normal(0, 0.1, shape)).astype(np.float32)
     return abstract, flat
+
+
+# --- Open-Sora 2.0 -----------------------------------------------------------------------------------------
+
+CLIP_CONFIG = dict(vocab_size=520, hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                   max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2,
+                   pad_token_id=1, model_type="clip_text_model")
+MMDIT_CONFIG = dict(in_channels=16, vec_in_dim=24, context_in_dim=32, hidden_size=32, mlp_ratio=2.0, num_heads=2,
+                    depth=1, depth_single_blocks=1, axes_dim=[4, 6, 6], theta=10000, qkv_bias=True,
+                    guidance_embed=False, cond_embed=True, fused_qkv=False, use_liger_rope=True, patch_size=2)
+HUNYUAN_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
+                          block_out_channels=[8, 8, 8, 8], scale_factor=0.476986, shift_factor=0,
+                          time_compression_ratio=4, spatial_compression_ratio=8, mid_block_add_attention=True,
+                          sample_size=64, sample_tsize=64, use_spatial_tiling=True, use_temporal_tiling=False,
+                          tile_overlap_factor=0.25)
+
+
+def _random_init(name: str, config: dict, seed: int):
+    """MODELS[name] with every variable drawn in numpy (no per-shape init compiles; no zero-initialised layers)."""
+    from opensora_jax.families import MODELS
+
+    module, rng = MODELS[name].abstract(config), np.random.default_rng(seed)
+    for path, var in nnx.to_flat_state(nnx.state(module)):
+        shape = var.get_value().shape
+        if path[-1] in ("kernel", "embedding") and len(shape) > 1:
+            value = rng.normal(0, 1 / np.sqrt(np.prod(shape[:-1])), shape)
+        elif path[-1] in ("scale", "query_norm", "key_norm") or "norm" in str(path[-2] if len(path) > 1 else ""):
+            value = 1.0 + rng.normal(0, 0.05, shape)
+        else:
+            value = rng.normal(0, 0.05, shape)
+        var.set_value(np.asarray(value, np.float32))
+    return module
+
+
+def write_tiny_v2_checkpoints(root: pathlib.Path, seed: int = 0) -> dict[str, pathlib.Path]:
+    """Converted directories {mmdit, vae (Hunyuan), t5, clip} of tiny random Open-Sora 2.0 models, with the T5
+    (spiece) and CLIP (BPE) tokenizers in t5/tokenizer and clip/tokenizer."""
+    from opensora_jax.models.t5 import T5Config, T5Encoder
+
+    t5 = T5Encoder(T5Config.from_dict(T5_CONFIG), rngs=nnx.Rngs(seed + 1))
+    paths = {
+        "mmdit": _save(_random_init("mmdit", MMDIT_CONFIG, seed), root / "mmdit", MMDIT_CONFIG, "mmdit"),
+        "vae": _save(_random_init("hunyuan_vae", HUNYUAN_VAE_CONFIG, seed + 2), root / "vae", HUNYUAN_VAE_CONFIG,
+                     "hunyuan_vae"),
+        "t5": _save(t5, root / "t5", T5_CONFIG, "t5"),
+        "clip": _save(_random_init("clip", CLIP_CONFIG, seed + 3), root / "clip", CLIP_CONFIG, "clip"),
+    }
+    write_spiece(paths["t5"] / "tokenizer")
+    write_clip_bpe(paths["clip"] / "tokenizer")
+    return paths

@@ -18,7 +18,7 @@ import pathlib
 import sys
 
 import convert
-from opensora_jax.config_utils import config_from_cli, config_parser, console_entry, run_cli
+from opensora_jax.config_utils import config_from_cli, config_parser, console_entry, load_config_file, run_cli
 from opensora_jax.errors import UserError
 from opensora_jax.families import CONFIGS_DIR, FAMILIES
 from opensora_jax.parallel import initialize_distributed
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="number files from sample_0000 again, replacing earlier ones; default: the next free "
                         "index in --out-dir [config: overwrite=True]")
+    parser.add_argument("--family", default="opensora_v1_2",
+                        help="model family: opensora_v1_2 (this help) or opensora_v2_0 (see "
+                        "`sample.py --family opensora_v2_0 --help`); default: the --config file's, else v1.2")
     parser.add_argument("--no-clean-captions", action="store_true",
                         help="skip the reference's caption cleaning [config: clean_captions=False]")
     return parser
@@ -100,8 +103,30 @@ def make_config(argv: list[str]):
     return config
 
 
+def requested_family(argv: list[str]) -> str:
+    """The family a command line asks for: `--family NAME`, else the `family` of the --config file, else v1.2."""
+    for i, arg in enumerate(argv):
+        if arg == "--family" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--family="):
+            return arg.split("=", 1)[1]
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.split("=", 1)[1] \
+            if arg.startswith("--config=") else None
+        if path:
+            return load_config_file(path).get("family", "opensora_v1_2")
+    return "opensora_v1_2"
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    family = requested_family(argv)
+    if family not in FAMILIES:
+        raise UserError(f"--family {family!r} unknown; choose one of {', '.join(FAMILIES)}")
+    if family == "opensora_v2_0":
+        from opensora_jax.cli import sample_v2_0
+
+        return sample_v2_0.main(argv)
     config = make_config(argv)
     if uses_demo(argv) and "-h" not in argv and "--help" not in argv:
         if not pathlib.Path(config.stdit3).is_dir():
