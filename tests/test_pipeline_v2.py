@@ -80,6 +80,24 @@ def test_i2v_head_pastes_the_encoded_reference_into_sample_0(pipeline, tmp_path)
     np.testing.assert_array_equal(gen.latents[0][1, 1:], both.latents[0][1, 1:])
 
 
+def test_prompt_csv_gives_texts_references_and_negatives(tmp_path):
+    from opensora_jax.config_utils import load_config_file
+    from opensora_jax.pipelines.run import check
+
+    ref = tmp_path / "ref.png"
+    video_io.write_image(np.full((32, 32, 3), 90, np.uint8), ref)
+    (tmp_path / "p.csv").write_text(f"text,ref,neg\na cat,{ref},blurry\na dog,,\n")
+    config = load_config_file("configs/opensora_v2_0/sample_256px.py")
+    config.prompt_file, config.cond_type, config.out_dir = str(tmp_path / "p.csv"), "i2v_head", str(tmp_path / "o")
+    assert check(config) == ["a cat", "a dog"]
+    _, listed = Pipeline.generate_kwargs(config, 2)
+    assert listed["reference_paths"] == [str(ref), ""] and listed["negative_prompts"] == ["blurry", ""]
+    (tmp_path / "bad.csv").write_text("prompt\na cat\n")
+    config.prompt_file = str(tmp_path / "bad.csv")
+    with pytest.raises(UserError, match="'text' column"):
+        check(config)
+
+
 def _cli(ckpts, out_dir, *extra):
     return [sys.executable, "sample.py", "--family", "opensora_v2_0", "--prompt", "a cat",
             "--config.image_size=(32, 48)", "--num-frames", "9", "--steps", "2", "--dtype", "float32", "--no-progress",

@@ -26,7 +26,9 @@ DEFAULT_CONFIG = FAMILIES["opensora_v2_0"].sample_config
 # flag → (config field, type, help)
 FLAGS = {
     "--prompt": ("prompts", str, "a prompt; repeat the flag for several"),
-    "--prompt-file": ("prompt_file", str, "text file with one prompt per line"),
+    "--prompt-file": ("prompt_file", str, "text file with one prompt per line, or the reference's prompt CSV "
+                      "(.csv with a text column; optional ref and neg columns set --reference / --negative-prompt "
+                      "per row)"),
     "--negative-prompt": ("negative_prompt", str, "negative prompt for guidance (default: the empty prompt); "
                           "repeat per prompt or give one for all"),
     "--resolution": ("resolution", str, "256px (default) or 768px"),

@@ -31,12 +31,49 @@ class Generation:
     latents: list[np.ndarray] = dataclasses.field(default_factory=list)  # per loop clip: (B, T', H', W', 4)
 
 
+def read_prompt_csv(path) -> list[dict[str, str]]:
+    """Rows of a prompt CSV (the reference's format: a `text` column, optional `ref`, `neg`, `name`)."""
+    import csv
+
+    path = pathlib.Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except UnicodeDecodeError:
+        raise UserError(f"--prompt-file {str(path)!r} is not UTF-8 text") from None
+    except csv.Error as e:
+        raise UserError(f"--prompt-file {str(path)!r}: not a valid CSV: {e}") from None
+    if not rows or "text" not in rows[0]:
+        raise UserError(f"--prompt-file {str(path)!r}: a prompt CSV needs a header with a 'text' column "
+                        f"(optional: ref, neg, name); got {sorted(rows[0]) if rows else 'no rows'}")
+    for i, row in enumerate(rows):
+        if not (row.get("text") or "").strip():
+            raise UserError(f"--prompt-file {str(path)!r}: row {i + 2} has an empty text")
+    return rows
+
+
+def prompt_csv_column(config: ml_collections.ConfigDict, column: str) -> list[str] | None:
+    """A column of the prompt CSV for the CSV's prompts (None without a CSV or that column); prompts given
+    with --prompt come first and get ''."""
+    if not str(config.get("prompt_file") or "").endswith(".csv"):
+        return None
+    rows = read_prompt_csv(config.prompt_file)
+    if column not in rows[0]:
+        return None
+    return [""] * len(config.prompts or []) + [(row.get(column) or "").strip() for row in rows]
+
+
 def read_prompts(config: ml_collections.ConfigDict) -> list[str]:
-    """Prompts from `config.prompts` and/or `config.prompt_file` (UTF-8, one per line, blank lines skipped)."""
+    """Prompts from `config.prompts` and/or `config.prompt_file` (UTF-8, one per line, blank lines skipped; a
+    .csv file is read as the reference's prompt CSV, its `text` column)."""
     prompts = list(config.prompts or [])
     if any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise UserError("--prompt: every prompt needs some text (got an empty one)")
-    if config.prompt_file:
+    if config.prompt_file and str(config.prompt_file).endswith(".csv"):
+        if not pathlib.Path(config.prompt_file).is_file():
+            raise FileNotFoundError(f"--prompt-file {str(config.prompt_file)!r}: no such file")
+        prompts += [row["text"].strip() for row in read_prompt_csv(config.prompt_file)]
+    elif config.prompt_file:
         path = pathlib.Path(config.prompt_file)
         if not path.is_file():
             raise FileNotFoundError(f"--prompt-file {str(path)!r}: no such file")

@@ -32,7 +32,7 @@ from opensora_jax.conditioning.latent_conditions import (check_cond_type, infere
 from opensora_jax.errors import UserError
 from opensora_jax.models.mmdit import image_position_ids, pack, unpack
 from opensora_jax.parallel import make_mesh, sharding_context
-from opensora_jax.pipelines.common import Generation, check_run_settings, per_prompt, stage_bar
+from opensora_jax.pipelines.common import Generation, check_run_settings, per_prompt, prompt_csv_column, stage_bar
 from opensora_jax.schedulers import flow_v2
 from opensora_jax.text.opensora_v2_0 import TextConditioner
 
@@ -208,6 +208,11 @@ class Pipeline:
                       paste_all_samples=config.paste_all_samples, progress=config.progress)
         listed = dict(reference_paths=per_prompt(config.reference_path, n_prompts, "--reference"),
                       negative_prompts=per_prompt(config.negative_prompt, n_prompts, "--negative-prompt"))
+        # A prompt CSV's `ref` and `neg` columns, where the flags give none (an empty cell: no reference / "").
+        for name, column in (("reference_paths", "ref"), ("negative_prompts", "neg")):
+            values = prompt_csv_column(config, column)
+            if listed[name] is None and values is not None and any(values):
+                listed[name] = values
         return shared, listed
 
     # ------------------------------------------------------------------------------------------- generation
