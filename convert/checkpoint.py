@@ -140,3 +140,22 @@ def convert_to_dir(
             writer.write(path, value)
     return pathlib.Path(out_dir), layout
 
+
+
+def copy_tokenizer_files(src, out_dir, names) -> list[str]:
+    """Copies the files of `names` found beside the source weights `src` into OUT_DIR/tokenizer/ (staged under a
+    temporary name, then renamed), so a converted text-encoder directory is self-contained. Returns their names."""
+    import pathlib
+    import shutil
+
+    src = pathlib.Path(src)
+    directory = src if src.is_dir() else src.parent
+    found = [directory / name for name in names if (directory / name).is_file()]
+    if not found:
+        return []
+    staging = pathlib.Path(out_dir) / ".tokenizer.partial"
+    staging.mkdir(parents=True, exist_ok=True)
+    for path in found:
+        shutil.copy2(path, staging / path.name)
+    staging.rename(pathlib.Path(out_dir) / "tokenizer")
+    return [p.name for p in found]

@@ -108,16 +108,6 @@ def after_save(src, out_dir) -> list[str]:
     """Copies the CLIP tokenizer files found beside the source weights into OUT_DIR/tokenizer/ (where
     `opensora_jax.text.opensora_v2_0.default_clip_tokenizer_dir` looks), so a converted directory is
     self-contained. Returns the copied file names."""
-    import shutil
+    from convert.checkpoint import copy_tokenizer_files
 
-    src = pathlib.Path(src)
-    directory = src if src.is_dir() else src.parent
-    found = [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
-    if not found:
-        return []
-    staging = pathlib.Path(out_dir) / ".tokenizer.partial"
-    staging.mkdir(parents=True, exist_ok=True)
-    for path in found:
-        shutil.copy2(path, staging / path.name)
-    staging.rename(pathlib.Path(out_dir) / "tokenizer")
-    return [p.name for p in found]
+    return copy_tokenizer_files(src, out_dir, TOKENIZER_FILES)

@@ -219,16 +219,6 @@ TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "s
 def after_save(src, out_dir) -> list[str]:
     """Copies the tokenizer files found beside the source weights into OUT_DIR/tokenizer/ (where sample.py
     looks by default), so a converted T5 directory is self-contained. Returns the copied file names."""
-    import shutil
+    from convert.checkpoint import copy_tokenizer_files
 
-    src = pathlib.Path(src)
-    directory = src if src.is_dir() else src.parent
-    found = [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
-    if not found:
-        return []
-    staging = pathlib.Path(out_dir) / ".tokenizer.partial"
-    staging.mkdir(parents=True, exist_ok=True)
-    for path in found:
-        shutil.copy2(path, staging / path.name)
-    staging.rename(pathlib.Path(out_dir) / "tokenizer")
-    return [p.name for p in found]
+    return copy_tokenizer_files(src, out_dir, TOKENIZER_FILES)

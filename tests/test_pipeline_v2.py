@@ -53,7 +53,12 @@ def test_prompt_suffixes_as_the_reference_inference():
     assert inference_prompt("a cat.", 24, "") == "a cat. 24 FPS."
 
 
-@pytest.mark.parametrize("cond_type", COND_TYPES)
+# Three cond types in the default run (one of each kind); the rest with `pytest -m slow`.
+FAST_COND_TYPES = ("t2v", "i2v_loop", "v2v_tail")
+
+
+@pytest.mark.parametrize("cond_type", [c if c in FAST_COND_TYPES else pytest.param(c, marks=pytest.mark.slow)
+                                       for c in COND_TYPES])
 def test_every_cond_type_makes_a_video_of_the_right_shape(pipeline, tmp_path, cond_type):
     ref = tmp_path / ("ref.mp4" if cond_type.startswith("v2v") else "ref.png")
     if ref.suffix == ".mp4":
@@ -96,6 +101,23 @@ def test_prompt_csv_gives_texts_references_and_negatives(tmp_path):
     config.prompt_file = str(tmp_path / "bad.csv")
     with pytest.raises(UserError, match="'text' column"):
         check(config)
+
+
+def test_ckpt_dir_finds_the_reference_layout(tmp_path):
+    from opensora_jax.config_utils import load_config_file
+
+    config = load_config_file("configs/opensora_v2_0/sample_256px.py")
+    config.ckpt_dir = str(tmp_path)
+    for rel in ("Open_Sora_v2.safetensors", "hunyuan_vae.safetensors"):
+        (tmp_path / rel).write_bytes(b"")
+    (tmp_path / "google" / "t5-v1_1-xxl").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="openai/clip-vit-large-patch14"):
+        Pipeline.checkpoint_paths(config)
+    (tmp_path / "openai" / "clip-vit-large-patch14").mkdir(parents=True)
+    config.t5 = "elsewhere/t5"
+    paths = Pipeline.checkpoint_paths(config)
+    assert paths == {"mmdit": str(tmp_path / "Open_Sora_v2.safetensors"), "vae": str(tmp_path / "hunyuan_vae.safetensors"),
+                     "t5": "elsewhere/t5", "clip": str(tmp_path / "openai" / "clip-vit-large-patch14")}
 
 
 def _cli(ckpts, out_dir, *extra):

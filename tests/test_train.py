@@ -64,6 +64,7 @@ def test_loss_falls_and_shapes_follow_buckets(setup, tmp_path):
     assert last < 0.8 * first
 
 
+@pytest.mark.slow  # ~65 s on 2 cores: two training subprocesses
 def test_sigkill_resume_matches_uninterrupted_run(setup, tmp_path):
     steps = 9
     reference = _config(setup, tmp_path / "reference", steps)
@@ -114,6 +115,7 @@ def test_missing_and_corrupt_files_are_skipped_and_reported(setup, tmp_path):
     assert sum(summary["skipped"].values()) >= 2, summary
 
 
+@pytest.mark.slow  # ~65 s on 2 cores; sharded = unsharded train steps are also checked in tests/test_parallel.py
 def test_training_on_a_mesh_matches_one_device(setup, tmp_path):
     """The same run on fsdp=2 x data=... fake devices logs the same losses as on one device."""
     single = _config(setup, tmp_path / "single", steps=3)

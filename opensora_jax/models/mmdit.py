@@ -23,7 +23,6 @@ permuting q/k rows, so released weights of either kind run the same forward.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -32,7 +31,7 @@ from flax import nnx
 
 from opensora_jax.errors import UserError
 from opensora_jax.models.attention import ATTENTION_IMPLEMENTATIONS, dot_product_attention
-from opensora_jax.models.layers import Dense, gelu_tanh, layer_norm, param, rms_norm
+from opensora_jax.models.layers import Dense, gelu_tanh, layer_norm, param, rms_norm, sinusoidal_embedding
 from opensora_jax.models.remat import remat, remat_policy_name
 from opensora_jax.models.sequence_parallel import ring_attention
 from opensora_jax import parallel
@@ -246,13 +245,7 @@ def timestep_embedding(t: jax.Array, dtype, dim: int = 256, max_period: float = 
     time_factor·t is formed in `dtype` (as the reference multiplies its bf16 input), the angles in float32.
     """
     t = (jnp.asarray(t).astype(dtype) * jnp.asarray(time_factor, dtype)).astype(dtype)
-    half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = t.astype(jnp.float32)[:, None] * freqs[None]
-    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-    if dim % 2:
-        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
-    return emb.astype(dtype)
+    return sinusoidal_embedding(t, dim, max_period).astype(dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------
