@@ -15,6 +15,7 @@ import pathlib
 from typing import Any
 
 from convert.keymap import Rule, Table
+from convert.vae_v1_2 import mid_block_rules, resnet_rules
 from opensora_jax.checkpoints import is_converted_dir, read_config
 from opensora_jax.families import MODELS
 from opensora_jax.models.vae.hunyuan import HunyuanVAE, HunyuanVAEConfig, block_layout, preset
@@ -48,23 +49,11 @@ def _norm(dst: str, src: str) -> list[Rule]:
 
 
 def _resnet(dst: str, src: str, cin: int, cout: int) -> list[Rule]:
-    rules = _norm(f"{dst}/norm1", f"{src}.norm1") + _causal(f"{dst}/conv1", f"{src}.conv1")
-    rules += _norm(f"{dst}/norm2", f"{src}.norm2") + _causal(f"{dst}/conv2", f"{src}.conv2")
-    if cin != cout:
-        rules += _causal(f"{dst}/conv_shortcut", f"{src}.conv_shortcut")
-    return rules
+    return resnet_rules(dst, src, cin, cout, _causal)
 
 
 def _mid(dst: str, src: str, channels: int, attention: bool) -> list[Rule]:
-    rules = []
-    for j in range(2):
-        rules += _resnet(f"{dst}/resnets/{j}", f"{src}.resnets.{j}", channels, channels)
-    if attention:
-        a_dst, a_src = f"{dst}/attention", f"{src}.attentions.0"
-        rules += _norm(f"{a_dst}/group_norm", f"{a_src}.group_norm")
-        for name, key in (("to_q", "to_q"), ("to_k", "to_k"), ("to_v", "to_v"), ("to_out", "to_out.0")):
-            rules += _conv(f"{a_dst}/{name}", f"{a_src}.{key}", _linear)
-    return rules
+    return mid_block_rules(dst, src, channels, attention, _causal)
 
 
 def table(config: dict | HunyuanVAEConfig) -> Table:

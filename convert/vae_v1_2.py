@@ -59,24 +59,39 @@ def _norm(dst: str, src: str) -> list[Rule]:
     return [Rule(f"{dst}/scale", f"{src}.weight"), Rule(f"{dst}/bias", f"{src}.bias")]
 
 
-def _resnet2d(dst: str, src: str, cin: int, cout: int) -> list[Rule]:
-    rules = _norm(f"{dst}/norm1", f"{src}.norm1") + _conv(f"{dst}/conv1", f"{src}.conv1", _conv2d)
-    rules += _norm(f"{dst}/norm2", f"{src}.norm2") + _conv(f"{dst}/conv2", f"{src}.conv2", _conv2d)
+def resnet_rules(dst: str, src: str, cin: int, cout: int, conv) -> list[Rule]:
+    """A diffusers-style resnet (norm1, conv1, norm2, conv2, conv_shortcut when widths differ); `conv(dst, src)`
+    gives the rules of one convolution (2D, or the causal 3D of the Hunyuan VAE)."""
+    rules = _norm(f"{dst}/norm1", f"{src}.norm1") + conv(f"{dst}/conv1", f"{src}.conv1")
+    rules += _norm(f"{dst}/norm2", f"{src}.norm2") + conv(f"{dst}/conv2", f"{src}.conv2")
     if cin != cout:
-        rules += _conv(f"{dst}/conv_shortcut", f"{src}.conv_shortcut", _conv2d)
+        rules += conv(f"{dst}/conv_shortcut", f"{src}.conv_shortcut")
     return rules
 
 
-def _mid2d(dst: str, src: str, channels: int, attention: bool) -> list[Rule]:
+def mid_block_rules(dst: str, src: str, channels: int, attention: bool, conv) -> list[Rule]:
+    """A diffusers-style mid block: two resnets and, optionally, a single-head attention between them."""
     rules = []
     for j in range(2):
-        rules += _resnet2d(f"{dst}/resnets/{j}", f"{src}.resnets.{j}", channels, channels)
+        rules += resnet_rules(f"{dst}/resnets/{j}", f"{src}.resnets.{j}", channels, channels, conv)
     if attention:
         a_dst, a_src = f"{dst}/attention", f"{src}.attentions.0"
         rules += _norm(f"{a_dst}/group_norm", f"{a_src}.group_norm")
         for name, key in (("to_q", "to_q"), ("to_k", "to_k"), ("to_v", "to_v"), ("to_out", "to_out.0")):
             rules += _conv(f"{a_dst}/{name}", f"{a_src}.{key}", _linear)
     return rules
+
+
+def _conv2d_rules(dst: str, src: str) -> list[Rule]:
+    return _conv(dst, src, _conv2d)
+
+
+def _resnet2d(dst: str, src: str, cin: int, cout: int) -> list[Rule]:
+    return resnet_rules(dst, src, cin, cout, _conv2d_rules)
+
+
+def _mid2d(dst: str, src: str, channels: int, attention: bool) -> list[Rule]:
+    return mid_block_rules(dst, src, channels, attention, _conv2d_rules)
 
 
 def _spatial_rules(cfg: OpenSoraVAEConfig) -> list[Rule]:
