@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.vae = ""
     c.t5 = ""
     c.tokenizer = ""  # default: the T5 checkpoint directory
+    c.lora = ""  # a LoRA adapter directory merged into the STDiT3 as it loads (sample.py --lora)
     c.attention = "auto"  # auto (picks per backend) | blockwise | xla | cudnn | splash: models/attention.py
     c.mesh = ""  # device mesh, e.g. "sequence=8" or "data=2,sequence=4"; empty = one device
     # Scheduler (RFLOW kwargs).

@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.clip = ""
     c.t5_tokenizer = ""  # default: beside the T5 checkpoint
     c.clip_tokenizer = ""  # default: beside the CLIP checkpoint
+    c.lora = ""  # a LoRA adapter directory merged into the MMDiT as it loads (sample.py --lora)
     c.t5_max_length = 512  # T5 tokens, padded and attended unmasked, as the reference
     c.dtype = "bfloat16"
     c.attention = "auto"

@@ -43,8 +43,59 @@ def buffer(value: jax.Array, axes: Sequence[str | None]) -> Buffer:
     return Buffer(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Projections that may carry a LoRA adapter (opensora_jax.models.lora attaches them)
+# ------------------------------------------------------------------------------------------------------------
+
+# A module class lists the kernels that accept an adapter in `LORA_KERNELS` {attribute: number of input axes} and
+# computes each through `project`. The adapter of kernel attribute `k` is the attribute `k + LORA_SUFFIX`.
+LORA_SUFFIX = "_lora"
+
+
+class LoRA(nnx.Module):
+    """The low-rank adapter of one kernel: kernel + scale · A·B, A (*in_axes, rank), B (rank, *out_axes).
+
+    A and B are `nnx.LoRAParam` variables (an `nnx.Param` subclass) carrying logical axis names (the kernel's input
+    axes then None for A, None then the kernel's output axes for B; stacked blocks add their leading "layers").
+    `scale` (alpha / rank) is static.
+    """
+
+    def __init__(self, a: nnx.LoRAParam, b: nnx.LoRAParam, scale: float):
+        self.a = a
+        self.b = b
+        self.scale = float(scale)
+
+
+def _unused_letter(spec: str) -> str:
+    return next(c for c in "rRzZyYqQ" if c not in spec)
+
+
+def project(module: nnx.Module, name: str, spec: str, x: jax.Array) -> jax.Array:
+    """`einsum(spec, x, kernel)` for the kernel attribute `name` of `module`, in x's dtype; when a LoRA adapter is
+    attached (`module.<name>_lora`), adds scale · einsum(einsum(x, A), B): the adapter-applied projection.
+
+    `spec` is "x_letters,kernel_letters->out_letters"; the adapter's A takes the first kernel letters (as many as A
+    has input axes), B the rest.
+    """
+    kernel = getattr(module, name)[...].astype(x.dtype)
+    y = jnp.einsum(spec, x, kernel)
+    lora = getattr(module, name + LORA_SUFFIX, None)
+    if lora is None:
+        return y
+    inputs, out = spec.split("->")
+    x_spec, k_spec = inputs.split(",")
+    n_in = lora.a.ndim - 1
+    k_in, k_out, r = k_spec[:n_in], k_spec[n_in:], _unused_letter(spec)
+    xa_spec = "".join(c for c in x_spec if c not in k_in) + r
+    xa = jnp.einsum(f"{x_spec},{k_in}{r}->{xa_spec}", x, lora.a[...].astype(x.dtype))
+    delta = jnp.einsum(f"{xa_spec},{r}{k_out}->{out}", xa, lora.b[...].astype(x.dtype))
+    return y + jnp.asarray(lora.scale, x.dtype) * delta
+
+
 class Dense(nnx.Module):
     """y = x @ kernel + bias, kernel (in, out) with logical axes `axes`; computes in `dtype`."""
+
+    LORA_KERNELS = {"kernel": 1}
 
     def __init__(
         self,
@@ -67,8 +118,7 @@ class Dense(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(self.dtype)
-        y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(self.dtype))
+        y = project(self, "kernel", "...i,io->...o", x.astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

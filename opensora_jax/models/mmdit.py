@@ -31,7 +31,7 @@ from flax import nnx
 
 from opensora_jax.errors import UserError
 from opensora_jax.models.attention import ATTENTION_IMPLEMENTATIONS, dot_product_attention
-from opensora_jax.models.layers import Dense, gelu_tanh, layer_norm, param, rms_norm, sinusoidal_embedding
+from opensora_jax.models.layers import Dense, gelu_tanh, layer_norm, param, project, rms_norm, sinusoidal_embedding
 from opensora_jax.models.remat import remat, remat_policy_name
 from opensora_jax.models.sequence_parallel import ring_attention
 from opensora_jax import parallel
@@ -70,10 +70,18 @@ class MMDiTConfig:
     param_dtype: str = "float32"
     attention: str = "auto"  # opensora_jax.models.attention.ATTENTION_IMPLEMENTATIONS
     remat: str = "nothing"  # opensora_jax.models.remat.REMAT_POLICIES
+    # The reference's selective checkpointing `(double, single)`: only the first `double` double-stream and the
+    # first `single` single-stream blocks use `remat`, the rest keep their activations. None = every block.
+    remat_blocks: tuple[int, int] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
         object.__setattr__(self, "remat", remat_policy_name(self.remat))
+        if self.remat_blocks is not None:
+            counts = tuple(self.remat_blocks)
+            if len(counts) != 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in counts):
+                raise UserError(f"remat_blocks must be (double, single) block counts >= 0, got {self.remat_blocks!r}")
+            object.__setattr__(self, "remat_blocks", counts)
         if self.hidden_size % self.num_heads:
             raise UserError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if sum(self.axes_dim) != self.head_dim:
@@ -129,6 +137,8 @@ class MMDiTConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["axes_dim"] = list(self.axes_dim)
+        if self.remat_blocks is not None:
+            out["remat_blocks"] = list(self.remat_blocks)
         return out
 
 
@@ -280,13 +290,15 @@ class MLPEmbedder(nnx.Module):
 class HeadProjection(nnx.Module):
     """x (B, L, hidden) → (B, L, heads, head_dim): kernel (hidden, heads, head_dim), optional bias."""
 
+    LORA_KERNELS = {"kernel": 1}
+
     def __init__(self, cfg: MMDiTConfig, *, use_bias: bool, rngs: nnx.Rngs):
         pd, h, hd = jnp.dtype(cfg.param_dtype), cfg.num_heads, cfg.head_dim
         self.kernel = param(rngs, _xavier(), (cfg.hidden_size, h, hd), ("embed", "heads", "head_dim"), pd)
         self.bias = param(rngs, _zeros(), (h, hd), ("heads", "head_dim"), pd) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("bld,dhk->blhk", x, self.kernel[...].astype(x.dtype))
+        y = project(self, "kernel", "bld,dhk->blhk", x)
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         return constrain(y, _HEADS)
@@ -307,6 +319,8 @@ class QKNorm(nnx.Module):
 class Attention(nnx.Module):
     """One stream's attention weights in a double block: q/k/v projections, q/k norm, output projection."""
 
+    LORA_KERNELS = {"proj_kernel": 2}
+
     def __init__(self, cfg: MMDiTConfig, *, rngs: nnx.Rngs):
         pd, h, hd, d = jnp.dtype(cfg.param_dtype), cfg.num_heads, cfg.head_dim, cfg.hidden_size
         self.q_proj = HeadProjection(cfg, use_bias=cfg.qkv_bias, rngs=rngs)
@@ -321,8 +335,7 @@ class Attention(nnx.Module):
         return q, k, self.v_proj(x)
 
     def out(self, o: jax.Array) -> jax.Array:
-        y = jnp.einsum("blhk,hkd->bld", o, self.proj_kernel[...].astype(o.dtype))
-        return y + self.proj_bias[...].astype(o.dtype)
+        return project(self, "proj_kernel", "blhk,hkd->bld", o) + self.proj_bias[...].astype(o.dtype)
 
 
 class Mlp(nnx.Module):
@@ -401,6 +414,8 @@ class SingleStreamBlock(nnx.Module):
     as their parts (`v_proj` + `mlp_in`, `attn_out_kernel` + `mlp_out_kernel`), so each keeps its own logical axes.
     """
 
+    LORA_KERNELS = {"attn_out_kernel": 2, "mlp_out_kernel": 1}
+
     def __init__(self, cfg: MMDiTConfig, *, rngs: nnx.Rngs):
         pd, h, hd, d = jnp.dtype(cfg.param_dtype), cfg.num_heads, cfg.head_dim, cfg.hidden_size
         self.cfg = cfg
@@ -423,8 +438,8 @@ class SingleStreamBlock(nnx.Module):
         o = constrain(joint_attention(q, k, self.v_proj(h), self.cfg.attention), _HEADS)
         m = constrain(gelu_tanh(self.mlp_in(h)), ("act_batch", "act_tokens", "act_mlp"))
         dt = x.dtype
-        y = (jnp.einsum("blhk,hkd->bld", o, self.attn_out_kernel[...].astype(dt))
-             + jnp.einsum("blm,md->bld", m, self.mlp_out_kernel[...].astype(dt)) + self.out_bias[...].astype(dt))
+        y = (project(self, "attn_out_kernel", "blhk,hkd->bld", o)
+             + project(self, "mlp_out_kernel", "blm,md->bld", m) + self.out_bias[...].astype(dt))
         return constrain(x + gate * y, _ACT)
 
 
@@ -541,22 +556,42 @@ class MMDiT(nnx.Module):
             inter[f"single_block_{i}_out"] = single_outs[i]
         return out, inter
 
-    def _run_double(self, img, txt, vec, cos, sin, collect: bool):
-        graphdef, state = nnx.split(self.double_blocks)
+    def _remat_count(self, stack: int, depth: int) -> int:
+        """How many leading blocks of stack 0 (double) / 1 (single) are rematerialised."""
+        if self.cfg.remat == "nothing":
+            return 0
+        return depth if self.cfg.remat_blocks is None else min(self.cfg.remat_blocks[stack], depth)
 
-        def body(carry, layer_state):
-            block = nnx.merge(graphdef, layer_state)
-            img, txt = block(*carry, vec, cos, sin)
+    def _scan_blocks(self, blocks, body, carry, n_remat: int):
+        """`lax.scan` of `body` over the stacked `blocks`: the first `n_remat` under the remat policy (one scan),
+        the rest without (a second scan); per-block outputs are concatenated in block order."""
+        graphdef, state = nnx.split(blocks)
+        depth = jax.tree.leaves(state)[0].shape[0]
+
+        def step(carry, layer_state):
+            return body(graphdef, carry, layer_state)
+
+        if n_remat in (0, depth):
+            return jax.lax.scan(remat(step, self.cfg.remat) if n_remat else step, carry, state)
+        head = jax.tree.map(lambda a: a[:n_remat], state)
+        tail = jax.tree.map(lambda a: a[n_remat:], state)
+        carry, outs_head = jax.lax.scan(remat(step, self.cfg.remat), carry, head)
+        carry, outs_tail = jax.lax.scan(step, carry, tail)
+        return carry, jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outs_head, outs_tail)
+
+    def _run_double(self, img, txt, vec, cos, sin, collect: bool):
+        def body(graphdef, carry, layer_state):
+            img, txt = nnx.merge(graphdef, layer_state)(*carry, vec, cos, sin)
             return (img, txt), ((img, txt) if collect else None)
 
-        (img, txt), outs = jax.lax.scan(remat(body, self.cfg.remat), (img, txt), state)
+        n = self._remat_count(0, self.cfg.depth)
+        (img, txt), outs = self._scan_blocks(self.double_blocks, body, (img, txt), n)
         return img, txt, outs
 
     def _run_single(self, x, vec, cos, sin, collect: bool):
-        graphdef, state = nnx.split(self.single_blocks)
-
-        def body(x, layer_state):
+        def body(graphdef, x, layer_state):
             x = nnx.merge(graphdef, layer_state)(x, vec, cos, sin)
             return x, (x if collect else None)
 
-        return jax.lax.scan(remat(body, self.cfg.remat), x, state)
+        n = self._remat_count(1, self.cfg.depth_single_blocks)
+        return self._scan_blocks(self.single_blocks, body, x, n)

@@ -27,6 +27,7 @@ from opensora_jax.models.layers import (
     gelu_tanh,
     layer_norm,
     param,
+    project,
     rms_norm,
     rope_interleaved,
     sinusoidal_embedding,
@@ -157,6 +158,8 @@ class SelfAttention(nnx.Module):
     qkv kernel (hidden, 3, heads, head_dim); proj kernel (heads, head_dim, hidden).
     """
 
+    LORA_KERNELS = {"qkv_kernel": 1, "proj_kernel": 2}
+
     def __init__(self, cfg: STDiT3Config, *, zero_proj: bool, rngs: nnx.Rngs):
         d, h, hd, pd = cfg.hidden_size, cfg.num_heads, cfg.head_dim, jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
@@ -172,7 +175,7 @@ class SelfAttention(nnx.Module):
         """x: (B, A, L, hidden), attention over L → same shape. Spatial blocks pass (B, T, S, C); temporal
         blocks pass (B, S, T, C) with rope_freqs."""
         dt = x.dtype
-        qkv = jnp.einsum("bald,dthk->tbalhk", x, self.qkv_kernel[...].astype(dt))
+        qkv = project(self, "qkv_kernel", "bald,dthk->tbalhk", x)
         qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None, None]
         q, k, v = qkv[0], qkv[1], qkv[2]
         # Spatial attention with a split S: Ulysses under shard_map where the shapes allow, else GSPMD constraints
@@ -192,7 +195,7 @@ class SelfAttention(nnx.Module):
         o = attend(q, k, v) if ulysses_mesh is None else ulysses_attention(q, k, v, attend, mesh=ulysses_mesh)
         if gspmd_spatial:
             o = constrain(o, _SPATIAL_OUT)
-        return jnp.einsum("balhk,hkd->bald", o, self.proj_kernel[...].astype(dt)) + self.proj_bias[...].astype(dt)
+        return project(self, "proj_kernel", "balhk,hkd->bald", o) + self.proj_bias[...].astype(dt)
 
 
 class CrossAttention(nnx.Module):
@@ -201,6 +204,8 @@ class CrossAttention(nnx.Module):
     Equivalent to the reference's packed block-diagonal attention: sample b attends to its own valid
     text tokens only.
     """
+
+    LORA_KERNELS = {"q_kernel": 1, "kv_kernel": 1, "proj_kernel": 2}
 
     def __init__(self, cfg: STDiT3Config, *, zero_proj: bool, rngs: nnx.Rngs):
         d, h, hd, pd = cfg.hidden_size, cfg.num_heads, cfg.head_dim, jnp.dtype(cfg.param_dtype)
@@ -219,11 +224,11 @@ class CrossAttention(nnx.Module):
         # those instead of a dense mask); the keys' order does not change attention.
         order, lengths = valid_first(y_mask)
         y = jnp.take_along_axis(y, order[..., None], axis=1)
-        q = jnp.einsum("btsd,dhk->btshk", x, self.q_kernel[...].astype(dt)) + self.q_bias[...].astype(dt)
-        kv = jnp.einsum("bld,dthk->tblhk", y, self.kv_kernel[...].astype(dt)) + self.kv_bias[...].astype(dt)[:, None, None]
+        q = project(self, "q_kernel", "btsd,dhk->btshk", x) + self.q_bias[...].astype(dt)
+        kv = project(self, "kv_kernel", "bld,dthk->tblhk", y) + self.kv_bias[...].astype(dt)[:, None, None]
         k, v = kv[0][:, None], kv[1][:, None]  # (B, 1, L, h, d): broadcast over frames
         o = dot_product_attention(q, k, v, key_lengths=lengths[:, None], implementation=self.cfg.attention)
-        return jnp.einsum("btshk,hkd->btsd", o, self.proj_kernel[...].astype(dt)) + self.proj_bias[...].astype(dt)
+        return project(self, "proj_kernel", "btshk,hkd->btsd", o) + self.proj_bias[...].astype(dt)
 
 
 class Mlp(nnx.Module):
