@@ -21,9 +21,9 @@ from convert.keymap import ConversionError
 from convert.registry import CONVERTERS, converter, load_flat
 from opensora_jax.checkpoints import save_converted
 from opensora_jax.tensor_files import open_source
-from opensora_jax.checks import check_writable_dir
+from opensora_jax.checks import check_writable_dir, one_line_errors
 from opensora_jax.config_utils import console_entry, run_cli
-from opensora_jax.errors import UserError
+from opensora_jax.errors import CheckpointError, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="dtype of the stored parameters (default: float32)")
     parser.add_argument("--config", default=None,
-                        help="JSON file with the architecture (reference config kwargs); default: read from "
-                        "the source directory's config.json, else the released architecture")
+                        help="JSON file with the architecture (reference config kwargs, or a parity fixture's "
+                        "case.json); default: read from the source directory's config.json, else the released "
+                        "architecture")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow .pt/.pth/.bin/.ckpt pickle checkpoints; pickle can execute code, so only "
                         "for files you trust")
@@ -51,11 +52,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_config(path: str) -> dict:
+    """The architecture JSON of --config: reference config kwargs, or a fixture's case.json (its `config`)."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"--config {path}: not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"--config {path}: expected a JSON object of architecture fields, got {type(config).__name__}")
+    if "component" in config and isinstance(config.get("config"), dict):  # a parity fixture's case.json
+        return config["config"]
+    return config
+
+
+def _wrong_model(error: ConversionError, args) -> UserError | None:
+    """One line when SRC's keys and the model's do not meet at all (another model's checkpoint), else None."""
+    missing = [p for p in error.problems if p.startswith("missing source key")]
+    unused = [p for p in error.problems if p.startswith("unused source key")]
+    other = [p for p in error.problems if not p.startswith(("missing source key", "unused source key",
+                                                              "unfilled parameter", "... and "))]
+    if other or not missing or len(error.problems) < 20:
+        return None
+    example = missing[0].rsplit(": ", 1)[-1]
+    found = f"; it holds keys such as {unused[0].split(': ', 1)[1].split(' ')[0]}" if unused else ""
+    return UserError(f"SRC {args.src!r} does not hold a {args.model} checkpoint: {len(missing)} of the keys one has "
+                     f"are missing (e.g. {example}){found}; give the model it holds (one of "
+                     f"{', '.join(sorted(CONVERTERS))}) or, if it is a {args.model}, its architecture with --config FILE")
 
 
 def _check_paths(args) -> None:
@@ -76,6 +98,9 @@ def _with_hint(error: ConversionError, args) -> ConversionError:
     """Many problems at once usually mean the architecture guessed for SRC is not the checkpoint's."""
     if args.config or len(error.problems) < 20:
         return error
+    wrong = _wrong_model(error, args)
+    if wrong is not None:
+        return wrong
     shown = error.problems[:10] + [f"... and {len(error.problems) - 10} more"]
     return ConversionError(shown + [
         "so many mismatches usually mean the architecture is wrong: put the model's config.json beside SRC "
@@ -83,10 +108,17 @@ def _with_hint(error: ConversionError, args) -> ConversionError:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = one_line_errors(build_parser()).parse_args(argv)
     _check_paths(args)
     module = converter(args.model)
-    config = _read_config(args.config) if args.config else module.config_from_source(args.src)
+    try:
+        config = _read_config(args.config) if args.config else module.config_from_source(args.src)
+    except CheckpointError as e:
+        if len(e.problems) != 1:
+            raise
+        raise UserError(str(e).replace(":\n  - ", ": ").replace("1 problem(s): ", "")) from None
+    except ValueError as e:  # the architecture read off SRC's shapes is not a valid one
+        raise UserError(f"SRC {args.src!r}: {e}") from None
     start = time.time()
     dtype = jnp.dtype(args.dtype)
     abstract = module.abstract_model(config, dtype)

@@ -9,6 +9,7 @@ import os
 import pathlib
 import signal
 import sys
+import warnings
 
 import ml_collections
 
@@ -119,7 +120,9 @@ def config_parser(prog: str, description: str, config_help: str, flags: dict[str
     parser.add_argument("--config", required=config_required, default=None,
                         help=f"{config_help}; override any field with --config.FIELD=VALUE")
     add_flags(parser, flags, list_fields)
-    return parser
+    from opensora_jax.checks import one_line_errors
+
+    return one_line_errors(parser)
 
 
 def add_flags(parser, flags: dict[str, tuple], list_fields=frozenset()) -> None:
@@ -131,6 +134,8 @@ def add_flags(parser, flags: dict[str, tuple], list_fields=frozenset()) -> None:
 
 USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
 
+
+_python_formatwarning = warnings.formatwarning
 
 INTERRUPTED = 130  # the shell's status for a command ended by SIGINT
 
@@ -148,14 +153,24 @@ def run_cli(main, argv=None) -> int:
     one `error: ...` line and give exit status 2; Ctrl-C prints `interrupted` and exits with 130; any other
     exception is ours and keeps its traceback."""
     previous = signal.signal(signal.SIGINT, _exit_on_interrupt) if _in_main_thread() else None
+    previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return main(argv)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
+        warnings.formatwarning = previous_format
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Our own warnings (a cut prompt, unknown words, a fallback kernel) as one `warning: ...` line; others as
+    Python prints them."""
+    if category.__module__.startswith("opensora_jax"):
+        return f"warning: {message}\n"
+    return _python_formatwarning(message, category, filename, lineno, line)
 
 
 def _in_main_thread() -> bool:

@@ -113,7 +113,30 @@ def read_frames(path) -> np.ndarray:
 
 def read_image(path) -> np.ndarray:
     """An image file as (H, W, 3) uint8 RGB (alpha dropped, grayscale expanded, like PIL's convert("RGB"))."""
-    return np.asarray(iio.imread(os.fspath(path), index=0, mode="RGB"), dtype=np.uint8)
+    try:
+        return np.asarray(iio.imread(os.fspath(path), index=0, mode="RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure is the file's; imageio's text can span lines
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot decode {os.fspath(path)!r} as an image: {reason}") from None
+
+
+class VideoDecodeError(UserError):
+    """ffmpeg could not decode a video file; the message is one line: the file and ffmpeg's own reason."""
+
+
+def ffmpeg_reason(error: BaseException) -> str:
+    """The last line of ffmpeg's log inside an imageio-ffmpeg error (its reason, without the version banner)."""
+    text = str(error)
+    log = text.split("=== stderr ===", 1)[-1]
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    return lines[-1] if lines else text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+def decode_error(path, error: BaseException) -> VideoDecodeError:
+    """A one-line VideoDecodeError for `path` from an imageio-ffmpeg failure (which embeds ffmpeg's whole log)."""
+    return VideoDecodeError(f"cannot decode {os.fspath(path)!r}: {ffmpeg_reason(error)}")
 
 
 def _read_video_file(path: str) -> Video:
@@ -126,6 +149,8 @@ def _read_video_file(path: str) -> Video:
             meta = next(reader)
         width, height = meta["size"]
         frames = [np.frombuffer(raw, np.uint8).reshape(height, width, 3) for raw in reader]
+    except (OSError, RuntimeError) as e:  # ffmpeg's stderr is captured by imageio-ffmpeg: keep only its reason
+        raise decode_error(path, e) from None
     finally:
         reader.close()
     if not frames:

@@ -19,7 +19,10 @@ import jax.numpy as jnp
 
 import convert
 from opensora_jax.checkpoints import resolve_checkpoint
+from opensora_jax.checks import (check_checkpoint, check_csv, check_writable_dir, one_line_errors, one_of,
+                                 whole_number)
 from opensora_jax.config_utils import console_entry, run_cli
+from opensora_jax.data.bucket_configs import NAMED_RESOLUTION_TABLES
 from opensora_jax.data.features import INDEX_SUFFIX, load_shard, write_features
 from opensora_jax.data.loader import make_video_loader
 from opensora_jax.errors import UserError
@@ -109,25 +112,43 @@ def _progress(batches, total: int, samples: int):
         last = now
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if not os.path.isfile(args.csv):
-        raise FileNotFoundError(f"--csv {args.csv!r} does not exist (or is not a file)")
-    vae_path = resolve_checkpoint(args.vae, "--vae checkpoint")
-    t5_path = resolve_checkpoint(args.t5, "--t5 checkpoint")
-    if args.tokenizer is not None and not os.path.exists(args.tokenizer):
-        raise FileNotFoundError(f"--tokenizer {args.tokenizer!r} does not exist")
-    if args.max_batches is not None and args.max_batches < 1:
-        raise UserError(f"--max-batches must be at least 1, got {args.max_batches}")
+def check_args(args) -> None:
+    """Every flag and path, before the CSV's rows are read or a model loads (UserError naming the flag)."""
+    check_csv(args.csv, "--csv")
+    for flag, path, model in (("--vae", args.vae, "vae"), ("--t5", args.t5, "t5")):
+        resolve_checkpoint(path, f"{flag} checkpoint")
+        check_checkpoint(path, flag, model)
+    if args.tokenizer is not None:
+        check_checkpoint(args.tokenizer, "--tokenizer")
+    if args.max_batches is not None:
+        whole_number("--max-batches", args.max_batches, 1)
+    whole_number("--frame-interval", args.frame_interval, 1)
+    whole_number("--model-max-length", args.model_max_length, 1)
+    whole_number("--seed", args.seed, 0)
+    whole_number("--num-workers", args.num_workers, 0)
     if not args.name or os.sep in args.name or args.name.startswith("."):
         raise UserError(f"--name must be a plain file-name prefix, got {args.name!r}")
-    bucket_config = args.bucket_config
-    if bucket_config.lstrip().startswith("{"):
+    if args.resolutions:
+        one_of("--resolutions", args.resolutions, sorted(NAMED_RESOLUTION_TABLES))
+    check_writable_dir(args.out_dir, "OUT_DIR")
+
+
+def parse_bucket_config(text: str):
+    """--bucket-config: a known name or a JSON literal."""
+    if text.lstrip().startswith("{"):
         try:
-            bucket_config = json.loads(bucket_config)
+            return json.loads(text)
         except json.JSONDecodeError as e:
             raise UserError(f"--bucket-config is not valid JSON: {e}") from None
-    _check_out_dir(args.out_dir, args.name, args.overwrite)
+    return text  # a name: the loader checks it against bucket_configs (before any model loads)
+
+
+def main(argv=None) -> int:
+    args = one_line_errors(build_parser()).parse_args(argv)
+    check_args(args)
+    bucket_config = parse_bucket_config(args.bucket_config)
+    vae_path = resolve_checkpoint(args.vae, "--vae checkpoint")
+    t5_path = resolve_checkpoint(args.t5, "--t5 checkpoint")
 
     loader = make_video_loader(args.csv, bucket_config, resolutions=args.resolutions, seed=args.seed,
                                frame_interval=args.frame_interval, num_workers=args.num_workers, num_epochs=1)
@@ -137,6 +158,7 @@ def main(argv=None) -> int:
     if not planned:
         raise UserError(f"{args.csv}: no batches to encode: too few usable samples for any bucket's batch size "
                          f"(bucket config {args.bucket_config!r}; CSV rows skipped: {loader.skipped or 'none'})")
+    _check_out_dir(args.out_dir, args.name, args.overwrite)  # (with --overwrite removes this NAME's old files)
     total, samples = len(planned), sum(len(b.indices) for b in planned)
     print(f"{args.csv}: {len(loader.dataset.samples)} usable rows → {total} batches ({samples} samples) in "
           f"{len(collections.Counter(b.bucket for b in planned))} buckets", flush=True)

@@ -1,8 +1,12 @@
-"""Open-Sora v1.2 text/image-to-video sampling with opensora-jax.
+r"""Open-Sora v1.2 text/image-to-video sampling with opensora-jax.
 
     python sample.py --prompt "a blue square moving up"      # the demo model in assets/demo
     python sample.py --prompt "a red circle moving left" --stdit3 ckpt/stdit3 --vae ckpt/vae --t5 ckpt/t5
-    python sample.py --config configs/opensora_v1_2/sample.py --config.num_frames=4s --prompt "..."
+    python sample.py --config configs/opensora_v1_2/sample.py --config.num_frames=4s --prompt "..." \
+        --stdit3 ckpt/stdit3 --vae ckpt/vae --t5 ckpt/t5
+
+The first runs on a fresh clone; the others need Open-Sora v1.2 weights (converted with python -m convert, or
+the reference's files).
 
 Without checkpoints (--stdit3/--vae/--t5) and without --config, sample.py uses the demo model this
 project trained on its synthetic shapes dataset (configs/demo/sample.py: 32×32, 17 frames). Every flag
@@ -63,8 +67,12 @@ FLAGS = {
     "--vae": ("vae", str, "VAE checkpoint: a converted directory, the reference's safetensors, or a hub id in the local cache"),
     "--t5": ("t5", str, "T5 encoder checkpoint: a converted directory, a transformers T5 directory, or a hub id in the local cache"),
     "--tokenizer": ("tokenizer", str, "T5 tokenizer directory (spiece.model or tokenizer.json); default: the T5 directory"),
+    "--lora": ("lora", str, "LoRA adapter directory (lora.json + adapters.safetensors), merged into the STDiT3 "
+               "as it loads"),
 }
 LIST_FIELDS = {"prompts", "reference_path", "mask_strategy"}
+# What `python sample.py` with no flags at all makes: the demo model on one of the captions it was trained on.
+DEMO_PROMPT = "a red circle moving left"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +147,9 @@ def main(argv=None) -> int:
                             "pass --stdit3/--vae/--t5 for Open-Sora v1.2 weights to choose the size")
         print(f"no checkpoints given: sampling with the demo model ({config.stdit3.rsplit('/', 1)[0]}, "
               "32x32, 17 frames); pass --stdit3/--vae/--t5 for Open-Sora v1.2 weights", flush=True)
+        if not config.prompts and not config.prompt_file:
+            config.prompts = [DEMO_PROMPT]
+            print(f"no prompt given: using {DEMO_PROMPT!r} (pass --prompt TEXT for your own)", flush=True)
     initialize_distributed()  # multi-process launches (SLURM, torchrun-style env, JAX_COORDINATOR_ADDRESS)
     run(config, load=convert.load_model)
     return 0

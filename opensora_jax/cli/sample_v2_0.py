@@ -63,6 +63,8 @@ FLAGS = {
     "--t5-tokenizer": ("t5_tokenizer", str, "T5 tokenizer directory; default: beside the T5 checkpoint"),
     "--clip-tokenizer": ("clip_tokenizer", str, "CLIP tokenizer directory (vocab.json, merges.txt); default: beside "
                          "the CLIP checkpoint"),
+    "--lora": ("lora", str, "LoRA adapter directory (lora.json + adapters.safetensors), merged into the MMDiT "
+               "as it loads"),
 }
 LIST_FIELDS = {"prompts", "reference_path", "negative_prompt"}
 

@@ -109,12 +109,15 @@ def probe(path) -> ProbeInfo:
         return ProbeInfo(int(t), int(h), int(w), None)
     if not video_io.is_video_path(path):
         raise UserError(f"unsupported file type {os.path.splitext(path)[1]!r} for {path!r}")
-    reader = imageio_ffmpeg.read_frames(path)
     try:
-        meta = next(reader)
-    finally:
-        reader.close()
-    frames, _ = imageio_ffmpeg.count_frames_and_secs(path)
+        reader = imageio_ffmpeg.read_frames(path)
+        try:
+            meta = next(reader)
+        finally:
+            reader.close()
+        frames, _ = imageio_ffmpeg.count_frames_and_secs(path)
+    except (OSError, RuntimeError) as e:  # one line with ffmpeg's reason, not its 20-line banner
+        raise video_io.decode_error(path, e) from None
     if frames < 1:
         raise UserError(f"{path!r} holds no video frames")
     w, h = meta["size"]

@@ -16,8 +16,13 @@ import ml_collections
 import numpy as np
 
 from opensora_jax import video_io
-from opensora_jax.checks import check_writable_dir, positive_number
+from opensora_jax.checks import (check_checkpoint, check_dtype, check_mesh, check_writable_dir, one_of,
+                                 positive_number, readable_file)
 from opensora_jax.errors import UserError
+
+
+DTYPES = ("bfloat16", "float32")
+ATTENTIONS = ("auto", "blockwise", "xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass
@@ -69,14 +74,12 @@ def read_prompts(config: ml_collections.ConfigDict) -> list[str]:
     prompts = list(config.prompts or [])
     if any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise UserError("--prompt: every prompt needs some text (got an empty one)")
+    if config.prompt_file:
+        readable_file(config.prompt_file, "--prompt-file")
     if config.prompt_file and str(config.prompt_file).endswith(".csv"):
-        if not pathlib.Path(config.prompt_file).is_file():
-            raise FileNotFoundError(f"--prompt-file {str(config.prompt_file)!r}: no such file")
         prompts += [row["text"].strip() for row in read_prompt_csv(config.prompt_file)]
     elif config.prompt_file:
         path = pathlib.Path(config.prompt_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"--prompt-file {str(path)!r}: no such file")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
@@ -102,6 +105,20 @@ def check_run_settings(config: ml_collections.ConfigDict) -> None:
     if not isinstance(upscale, int) or upscale < 1:
         raise UserError(f"--config.save_upscale must be a whole number ≥ 1, got {upscale!r}")
     check_writable_dir(config.out_dir, "--out-dir")
+    if config.get("dtype"):
+        check_dtype("--dtype", config.dtype, DTYPES)
+    if config.get("attention"):
+        one_of("--attention", config.attention, ATTENTIONS)
+    check_mesh("--mesh", config.get("mesh"))
+
+
+def check_checkpoints(config: ml_collections.ConfigDict, fields: dict) -> None:
+    """Each checkpoint flag that is set names an existing path (or a hub id) and, where it is a converted
+    directory, one of the models `fields` gives for it ({config field: model names, or None for any})."""
+    for field, models in fields.items():
+        value = config.get(field)
+        if value:
+            check_checkpoint(value, f"--{field.replace('_', '-')}", models=models)
 
 
 def next_free_index(out_dir, name_prefix: str = "sample") -> int:
@@ -136,22 +153,27 @@ def write_json(path, payload) -> None:
 
 
 class stage_bar:
-    """A one-step progress bar around a long compiled call (e.g. the VAE decode), showing its elapsed time."""
+    """A one-step progress bar around a long compiled call (e.g. the VAE decode), showing its elapsed time.
+    `on_progress(desc, done, total)`, if given, hears (desc, 0, 1) on entry and (desc, 1, 1) on exit."""
 
-    def __init__(self, desc: str, enabled: bool):
-        self.desc, self.enabled, self.bar = desc, enabled, None
+    def __init__(self, desc: str, enabled: bool, on_progress=None):
+        self.desc, self.enabled, self.bar, self.on_progress = desc, enabled, None, on_progress
 
     def __enter__(self):
         if self.enabled:
             from tqdm import tqdm
 
             self.bar = tqdm(total=1, desc=self.desc, unit="call")
+        if self.on_progress is not None:
+            self.on_progress(self.desc, 0, 1)
         return self
 
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.update(1)
             self.bar.close()
+        if self.on_progress is not None and exc[0] is None:
+            self.on_progress(self.desc, 1, 1)
 
 
 def save_generation(gen: Generation, out_dir, *, fps: float, config: dict, name_prefix: str = "sample",

@@ -8,6 +8,7 @@ Outputs are uint8 videos (B, T, H, W, 3).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Sequence
@@ -22,9 +23,11 @@ from opensora_jax.checkpoints import ModelLoader, load_model, resolve_checkpoint
 from opensora_jax.checks import positive_number
 from opensora_jax.conditioning import masks, prompts as prompt_syntax, references
 from opensora_jax.errors import UserError
+from opensora_jax.lora_files import check_adapters_for, load_adapters
+from opensora_jax.models.lora import merge_lora
 from opensora_jax.models.vae.opensora_v1_2 import decode_jit, encode_jit
 from opensora_jax.parallel import make_mesh, sharding_context
-from opensora_jax.pipelines.common import Generation, check_run_settings, per_prompt, stage_bar
+from opensora_jax.pipelines.common import Generation, check_checkpoints, check_run_settings, per_prompt, stage_bar
 from opensora_jax.schedulers.rflow import RFlowSampler
 from opensora_jax.text import captions
 from opensora_jax.text.t5 import TextEncoder
@@ -48,12 +51,14 @@ class Pipeline:
 
     @classmethod
     def from_checkpoints(cls, *, stdit3, vae, t5, tokenizer=None, dtype="bfloat16", attention="auto",
-                         scheduler: dict | None = None, mesh=None, load: ModelLoader = load_model) -> "Pipeline":
+                         scheduler: dict | None = None, mesh=None, lora=None,
+                         load: ModelLoader = load_model) -> "Pipeline":
         """Loads each model through `load` (default: converted directories written by `python -m convert`;
         the CLIs pass `convert.load_model`, which also reads the reference's weights).
 
         `mesh` (a jax Mesh or a spec such as "sequence=8"): parameters are placed sharded as they load and
-        generation runs with the model's sharding constraints active.
+        generation runs with the model's sharding constraints active. `lora`: a LoRA adapter directory, merged into
+        the STDiT3 as it loads (sampling then costs what the base model does).
         """
         for name, path in (("stdit3", stdit3), ("vae", vae), ("t5", t5)):
             if not path:
@@ -64,6 +69,9 @@ class Pipeline:
         if isinstance(mesh, str):
             mesh = make_mesh(mesh) if mesh else None
         model, _ = load("stdit3", stdit3, overrides={"dtype": dt.name, "attention": attention}, dtype=dt, mesh=mesh)
+        if lora:
+            load_adapters(lora, model)
+            merge_lora(model)
         vae_model, _ = load("vae", vae, dtype=dt, mesh=mesh)
         text_encoder = TextEncoder.from_pretrained(tokenizer or default_tokenizer_dir(t5), t5, load=load,
                                                    model_max_length=model.cfg.model_max_length, mesh=mesh)
@@ -75,7 +83,7 @@ class Pipeline:
         return cls.from_checkpoints(
             stdit3=config.stdit3, vae=config.vae, t5=config.t5, tokenizer=config.tokenizer or None,
             dtype=config.dtype, attention=config.attention, scheduler=config.scheduler.to_dict(),
-            mesh=config.get("mesh") or None, load=load)
+            mesh=config.get("mesh") or None, lora=config.get("lora") or None, load=load)
 
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict, prompts: Sequence[str]) -> None:
@@ -83,6 +91,7 @@ class Pipeline:
         scheduler, the prompts' syntax, mask strategies and every reference file (decoded at the target size).
         A mistake raises UserError naming the flag (or config field) and what would be valid."""
         check_run_settings(config)
+        check_checkpoints(config, {"stdit3": ("stdit3",), "vae": ("vae",), "t5": ("t5",), "tokenizer": None})
         steps = config.scheduler.num_sampling_steps
         if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
             raise UserError(f"--steps must be a whole number in 1..{MAX_STEPS}, got {steps!r}")
@@ -90,6 +99,8 @@ class Pipeline:
         if not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 0:
             raise UserError(f"--cfg-scale must be a finite number ≥ 0, got {cfg!r}")
         positive_number("--fps", config.fps)
+        if config.get("lora"):
+            check_adapters_for(config.lora, "stdit3")
         if not isinstance(config.loop, int) or config.loop < 1:
             raise UserError(f"--loop must be a whole number ≥ 1, got {config.loop!r}")
         shared, listed = cls.generate_kwargs(config, len(prompts))
@@ -171,11 +182,14 @@ class Pipeline:
         cfg_scale: float | None = None,
         noise: jax.Array | None = None,
         progress: bool = True,
+        progress_callback=None,
     ) -> Generation:
         """Generates one video per prompt.
 
         height/width: pixel size (the decoded video is 8·⌊H/8⌋ × 8·⌊W/8⌋). num_frames: pixel frames per
         clip. `noise` (B, T', H', W', 4) replaces the seeded initial latent noise (of the first loop).
+        `progress_callback(stage, done, total)`: told each denoising step ("denoising") and the VAE decode's start
+        and end ("VAE decode"), for a progress display beside the tqdm bars of `progress`.
         Returns uint8 videos (B, T_total, H', W', 3) with T_total = num_frames + (loop−1)·(num_frames − 17·cfl/5).
         """
         if isinstance(prompts, str):
@@ -216,11 +230,13 @@ class Pipeline:
             t0 = time.perf_counter()
             samples = self.sampler.sample(
                 self.model, z, encoded["y"][:, 0], encoded["mask"], cond_mask=jnp.asarray(cond_mask, jnp.float32),
-                key=jax.random.fold_in(loop_key, 1), cfg_scale=cfg_scale, progress=progress, **args)
+                key=jax.random.fold_in(loop_key, 1), cfg_scale=cfg_scale, progress=progress,
+                on_step=None if progress_callback is None else
+                functools.partial(progress_callback, "denoising"), **args)
             timings["denoise_s"] = timings.get("denoise_s", 0.0) + time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            with stage_bar("VAE decode", enabled=progress):
+            with stage_bar("VAE decode", enabled=progress, on_progress=progress_callback):
                 video = jax.block_until_ready(decode_jit(self.vae, samples.astype(self.dtype), num_frames))
             clips.append(video)
             latents.append(np.asarray(samples))

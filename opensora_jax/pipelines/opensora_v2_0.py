@@ -30,9 +30,11 @@ from opensora_jax.conditioning import references
 from opensora_jax.conditioning.latent_conditions import (check_cond_type, inference_condition, paste_references,
                                                          v2v_frames)
 from opensora_jax.errors import UserError
+from opensora_jax.lora_files import check_adapters_for, load_adapters
+from opensora_jax.models.lora import merge_lora
 from opensora_jax.models.mmdit import image_position_ids, pack, unpack
 from opensora_jax.parallel import make_mesh, sharding_context
-from opensora_jax.pipelines.common import Generation, check_run_settings, per_prompt, prompt_csv_column, stage_bar
+from opensora_jax.pipelines.common import Generation, check_checkpoints, check_run_settings, per_prompt, prompt_csv_column, stage_bar
 from opensora_jax.schedulers import flow_v2
 from opensora_jax.text.opensora_v2_0 import TextConditioner
 
@@ -107,10 +109,11 @@ class Pipeline:
     @classmethod
     def from_checkpoints(cls, *, mmdit, vae, t5, clip, t5_tokenizer=None, clip_tokenizer=None,
                          vae_kind: str = "hunyuan_vae", dtype="bfloat16", attention="auto", mesh=None,
-                         t5_max_length: int = 512, load: ModelLoader = load_model) -> "Pipeline":
+                         t5_max_length: int = 512, lora=None, load: ModelLoader = load_model) -> "Pipeline":
         """Loads the four models through `load` (converted directories; the CLIs pass `convert.load_model`, which
         also reads the reference's files). `mesh`: a jax Mesh or spec ("fsdp=8", "sequence=8"); parameters are
-        placed sharded as they load and generation runs under it."""
+        placed sharded as they load and generation runs under it. `lora`: a LoRA adapter directory, merged into the
+        MMDiT as it loads (sampling then costs what the base model does)."""
         for name, path in (("mmdit", mmdit), ("vae", vae), ("t5", t5), ("clip", clip)):
             if not path:
                 raise UserError(f"no {name} checkpoint given (a converted directory or the reference's file; "
@@ -120,6 +123,9 @@ class Pipeline:
             mesh = make_mesh(mesh) if mesh else None
         model, _ = load("mmdit", resolve_checkpoint(mmdit, "mmdit checkpoint"),
                         overrides={"dtype": dt.name, "attention": attention}, dtype=dt, mesh=mesh)
+        if lora:
+            load_adapters(lora, model)
+            merge_lora(model)
         vae_model, _ = load(vae_kind, resolve_checkpoint(vae, f"{vae_kind} checkpoint"), dtype=dt, compute_dtype=dt,
                             mesh=mesh)
         text = TextConditioner.from_pretrained(resolve_checkpoint(t5, "t5 checkpoint"),
@@ -153,7 +159,7 @@ class Pipeline:
         return cls.from_checkpoints(**paths, t5_tokenizer=config.t5_tokenizer, clip_tokenizer=config.clip_tokenizer,
                                     vae_kind=config.vae_kind, dtype=config.dtype, attention=config.attention,
                                     t5_max_length=config.get("t5_max_length", 512), mesh=config.get("mesh") or None,
-                                    load=load)
+                                    lora=config.get("lora") or None, load=load)
 
     # ----------------------------------------------------------------------------------------------- checks
 
@@ -163,6 +169,8 @@ class Pipeline:
         check_run_settings(config)
         if config.vae_kind not in VAE_KINDS:
             raise UserError(f"--vae-kind must be one of {', '.join(VAE_KINDS)}, got {config.vae_kind!r}")
+        check_checkpoints(config, {"mmdit": ("mmdit",), "vae": (config.vae_kind,), "t5": ("t5",), "clip": ("clip",),
+                                   "t5_tokenizer": None, "clip_tokenizer": None})
         if not isinstance(config.num_steps, int) or not 1 <= config.num_steps <= 1000:
             raise UserError(f"--steps must be a whole number in 1..1000, got {config.num_steps!r}")
         for flag, value in (("--guidance", config.guidance), ("--guidance-img", config.guidance_img)):
@@ -171,6 +179,8 @@ class Pipeline:
         if config.get("flow_shift") is not None:
             positive_number("--flow-shift", config.flow_shift)
         positive_number("--fps", config.fps)
+        if config.get("lora"):
+            check_adapters_for(config.lora, "mmdit")
         check_cond_type(config.cond_type)
         cls.checkpoint_paths(config) if config.get("ckpt_dir") else None
         shared, listed = cls.generate_kwargs(config, len(prompts))
@@ -244,12 +254,14 @@ class Pipeline:
         paste_all_samples: bool = False,
         noise: jax.Array | None = None,
         progress: bool = True,
+        progress_callback=None,
     ) -> Generation:
         """One video per prompt: uint8 (B, num_frames, H', W', 3) with H', W' the decoded size.
 
         `noise` (B, T', H', W', C) replaces the seeded initial latent. `reference_paths`: per prompt, ';'-separated
         files (i2v_loop: head;tail). t2v runs the 2-branch guidance batch (equal to the reference's 3 branches up to
-        float32 rounding); image conditions run all 3.
+        float32 rounding); image conditions run all 3. `progress_callback(stage, done, total)` hears the start and
+        end of the denoising and of the VAE decode (a web page's progress display).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -289,7 +301,7 @@ class Pipeline:
         ts = flow_v2.timesteps(num_steps, tokens_per_frame, t_lat, shift=shift, alpha=flow_shift)
         text_scales, image_scales = guidance.schedules(num_steps, t_lat, image_condition="i2v" in cond_type)
         t0 = time.perf_counter()
-        with stage_bar(f"denoising ({num_steps} steps)", enabled=progress):
+        with stage_bar(f"denoising ({num_steps} steps)", enabled=progress, on_progress=progress_callback):
             x = flow_v2.sample_jit(self.model, z, cond, txt.astype(self.dtype), vec.astype(self.dtype),
                                    image_position_ids(b, (t_lat, h_lat, w_lat), p), ts, text_scales, image_scales,
                                    tokens_per_frame=tokens_per_frame, branches=3 if image_condition else 2)
@@ -299,7 +311,7 @@ class Pipeline:
                                    all_samples=paste_all_samples)
 
         t0 = time.perf_counter()
-        with stage_bar("VAE decode", enabled=progress):
+        with stage_bar("VAE decode", enabled=progress, on_progress=progress_callback):
             video = jax.block_until_ready(self._decode(self.vae, jnp.asarray(latents, self.dtype)))
         timings["decode_s"] = time.perf_counter() - t0
         videos = video_io.to_uint8(np.asarray(video[:, :num_frames], np.float32))

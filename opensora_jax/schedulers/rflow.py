@@ -89,6 +89,7 @@ class RFlowSampler:
         cfg_scale: float | None = None,
         return_trace: bool = False,
         progress: bool = False,
+        on_step=None,
     ):
         """Denoises `z` (B, T, H, W, C) conditioned on text `y` (B, L, C_cap) with token `mask` (B, L).
 
@@ -98,7 +99,8 @@ class RFlowSampler:
         memory does not grow with the steps (or with `noise[i]` of `noise`, (steps, B, T, H, W, C), to
         replay recorded draws). The unconditional branch uses the model's learned null caption with the
         conditional prompts' mask. `progress` shows a bar ticking once per denoising step (from inside
-        the compiled loop). Returns z (float32), plus a per-step trace dict if `return_trace`.
+        the compiled loop); `on_step(done, total)`, if given, is called after each step too (e.g. a web page's
+        progress bar). Returns z (float32), plus a per-step trace dict if `return_trace`.
         """
         b = z.shape[0]
         if cond_mask is not None and key is None and noise is None:
@@ -109,42 +111,50 @@ class RFlowSampler:
         graphdef, state = nnx.split(model)
         scale = self.cfg_scale if cfg_scale is None else cfg_scale
         extras = dict(height=jnp.asarray(height), width=jnp.asarray(width), fps=jnp.asarray(fps))
-        with _StepProgress(self.num_sampling_steps, enabled=progress):
+        with _StepProgress(self.num_sampling_steps, enabled=progress, on_step=on_step):
             z_final, trace = _denoise(graphdef, state, z.astype(jnp.float32), y, mask, timesteps,
                                       self.step_sizes(timesteps), key, noise, cond_mask, jnp.float32(scale), extras,
-                                      self.num_timesteps, return_trace, progress)
+                                      self.num_timesteps, return_trace, progress or on_step is not None)
             z_final = jax.block_until_ready(z_final)
         return (z_final, {"timesteps": timesteps, **trace}) if return_trace else z_final
 
 
 class _StepProgress:
-    """A tqdm bar that the compiled denoising loop ticks through `jax.debug.callback`."""
+    """A tqdm bar (and/or an `on_step(done, total)` callback) that the compiled denoising loop ticks through
+    `jax.debug.callback`."""
 
     _active: "_StepProgress | None" = None
     _lock = threading.Lock()
 
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.bar = total, enabled, None
+    def __init__(self, total: int, enabled: bool, on_step=None):
+        self.total, self.enabled, self.bar, self.on_step, self.done = total, enabled, None, on_step, 0
 
     def __enter__(self):
         if self.enabled:
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.total, desc="denoising", unit="step")
+        if self.enabled or self.on_step is not None:
             _StepProgress._active = self
         return self
 
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.close()
+        if _StepProgress._active is self:
             _StepProgress._active = None
 
     @staticmethod
     def tick(_step):
         with _StepProgress._lock:
             active = _StepProgress._active
-            if active is not None and active.bar is not None:
+            if active is None:
+                return
+            active.done += 1
+            if active.bar is not None:
                 active.bar.update(1)
+            if active.on_step is not None:
+                active.on_step(active.done, active.total)
 
 
 def _step_noise(key, step_index, recorded, shape) -> jax.Array:

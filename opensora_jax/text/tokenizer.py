@@ -26,6 +26,27 @@ class TruncationWarning(UserWarning):
     """A prompt had more tokens than `model_max_length` and was cut."""
 
 
+class UnknownWordsWarning(UserWarning):
+    """Words of a prompt that the tokenizer maps to its unknown token: the model never sees what they say."""
+
+
+def unknown_words(tokenizer, prompt: str) -> list[str]:
+    """The words (or characters) of `prompt` that `tokenizer` turns into its unknown token, in order, each once."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return []
+    try:
+        encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        spans = [prompt[a:b].strip() for i, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"]) if i == unk]
+    except (NotImplementedError, ValueError, TypeError, KeyError):  # a tokenizer without offsets: word by word
+        spans = [w for w in prompt.split() if unk in tokenizer(w, add_special_tokens=False)["input_ids"]]
+    found = []
+    for span in spans:
+        if span and span not in found:
+            found.append(span)
+    return found
+
+
 def _t5_tokenizer_class():
     import transformers
 
@@ -79,11 +100,21 @@ def _check_prompts(prompts) -> list[str]:
 
 def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int = MODEL_MAX_LENGTH) -> tuple[np.ndarray, np.ndarray]:
     """ids (B, max_length) int32 and mask (B, max_length) int32, padded to `max_length` and truncated to it
-    (the last kept token is `</s>`), with one TruncationWarning per prompt that was cut."""
+    (the last kept token is `</s>`), with one TruncationWarning per prompt that was cut and one
+    UnknownWordsWarning per prompt holding words the vocabulary lacks (they become `<unk>`)."""
     prompts = _check_prompts(prompts)
     # One token more than allowed tells which prompts were cut, without transformers' own length warning.
     probe = tokenizer(prompts, max_length=max_length + 1, truncation=True, add_special_tokens=True)["input_ids"]
-    for i, (prompt, ids) in enumerate(zip(prompts, probe)):
+    unk = getattr(tokenizer, "unk_token_id", None)
+    # Without the special tokens: CLIP's unknown token is also its end-of-text token.
+    plain = tokenizer(prompts, add_special_tokens=False)["input_ids"] if unk is not None else [[]] * len(prompts)
+    for i, (prompt, ids, words_ids) in enumerate(zip(prompts, probe, plain)):
+        if unk is not None and unk in words_ids:
+            words = unknown_words(tokenizer, prompt) or ["(some characters)"]
+            shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+            warnings.warn(f"prompt {i} {shown!r}: the tokenizer does not know {', '.join(map(repr, words))} "
+                          f"(each becomes {tokenizer.unk_token}, which the model reads as no word)",
+                          UnknownWordsWarning, stacklevel=2)
         if len(ids) > max_length:
             shown = prompt if len(prompt) <= 120 else prompt[:117] + "..."
             warnings.warn(
