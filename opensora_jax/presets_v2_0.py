@@ -9,6 +9,7 @@ replaces an entry of that name. Then H and W are rounded up to multiples of 16.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from opensora_jax.errors import UserError
 
@@ -43,6 +44,65 @@ def aspect_ratio_sizes(resolution: str, compression: int = 16) -> dict[str, tupl
         vertical[":".join(name.split(":")[::-1])] = (width, height)
     sizes.update(vertical)
     return sizes
+
+
+def training_sizes(resolution: str, compression: int = 16) -> dict[str, tuple[int, int]]:
+    """{W:H name: (H, W)} of the reference's training table (`training=True`): each size is first nudged by ±D on
+    H or W towards the pixel budget, and a ratio whose size an earlier one already has is left out (with its
+    vertical twin)."""
+    total = num_pixels(resolution)
+    d = compression
+    sizes, vertical = {}, {}
+    for name in ASPECT_RATIOS:
+        w_ratio, h_ratio = (float(v) for v in name.split(":"))
+        width = int(math.sqrt(total * (w_ratio / h_ratio)) // d) * d
+        if width == 0:
+            raise UserError(f"resolution {resolution!r} is too small for aspect ratio {name}")
+        height = int((total / width) // d) * d
+        diff = abs(height * width - total)
+        for h, w in ((height - d, width), (height + d, width), (height, width - d), (height, width + d)):
+            if abs(h * w - total) < diff:
+                height, width, diff = h, w, abs(h * w - total)
+        if (height, width) in sizes.values():
+            continue
+        sizes[name] = (height, width)
+        vertical[":".join(name.split(":")[::-1])] = (width, height)
+    sizes.update(vertical)
+    return sizes
+
+
+def ratio_of(name: str) -> float:
+    """H / W of a W:H aspect-ratio name ("16:9" → 0.5625)."""
+    w, h = (float(v) for v in name.split(":"))
+    return h / w
+
+
+class TrainingResolutions(Mapping):
+    """The training buckets' resolution table for any "{S}px" / "{S}p" name: name → (pixel budget,
+    {W:H name: (H, W)}) in the format of `opensora_jax.data.buckets` (aspect-ratio keys are W:H names, matched by
+    their nominal H / W as the reference does). Iterates over `names`; looks up any valid name."""
+
+    def __init__(self, names=("256px", "768px", "1024px"), compression: int = 16):
+        self.names, self.compression = tuple(names), compression
+
+    def __getitem__(self, name):
+        try:
+            return num_pixels(name), training_sizes(name, self.compression)
+        except UserError:
+            raise KeyError(name) from None
+
+    def __contains__(self, name) -> bool:
+        try:
+            num_pixels(name)
+        except UserError:
+            return False
+        return True
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def image_size(resolution: str, aspect_ratio: str, compression: int = 16) -> tuple[int, int]:

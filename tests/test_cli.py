@@ -24,6 +24,8 @@ SAME_AS = {
     "opensora-train": "opensora_jax.cli.train",
     "opensora-train-vae": "opensora_jax.cli.train_vae",
     "opensora-features": "opensora_jax.cli.features",
+    "opensora-features-v2": "opensora_jax.cli.features_v2_0",
+    "opensora-app": "opensora_jax.app.cli",
     "opensora-convert": "convert.__main__",
     "opensora-parity": "opensora_jax.tools.parity.__main__",
     "opensora-plan": "opensora_jax.tools.plan_cli",

@@ -114,22 +114,26 @@ def _random_tiny(seed: int = 0, **changes) -> MMDiT:
 
 
 def test_train_step_updates_every_parameter():
+    """The update the planner compiles (the 2.0 trainer's) reaches every parameter, cond_in included."""
+    from opensora_jax.conditioning.training_conditions import check_weights
+    from opensora_jax.training import mmdit_step
+
     model = _random_tiny(seed=2)
-    spec = plan.PlanSpec(model=TINY, train=True, **VIDEO)
-    video = plan.VideoShape.of(spec, TINY)
     tx = plan.make_optimizer(lr=1e-3)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    state = dict(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params),
-                 rng=jax.random.key_data(jax.random.key(0)))
+    graphdef, state = mmdit_step.init_state(model, tx, nnx.Param, seed=0)
     rng = np.random.default_rng(3)
-    batch = dict(x0=jnp.asarray(rng.standard_normal((2, video.image_tokens, 64)), jnp.float32),
-                 txt=jnp.asarray(rng.standard_normal((2, 512, 32)), jnp.float32),
-                 y_vec=jnp.asarray(rng.standard_normal((2, 24)), jnp.float32),
-                 cond=jnp.asarray(rng.standard_normal((2, video.image_tokens, 68)), jnp.float32))
-    before = jax.tree.map(np.asarray, state["params"])
-    new, metrics = jax.jit(lambda s, b: plan.mmdit_train_step(graphdef, tx, video, s, b))(state, batch)
-    assert int(new["step"]) == 1 and np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
-    after = jax.tree.leaves(new["params"])
+    t, h, w, c = 3, 4, 4, 16
+
+    def normal(*shape):
+        return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+    batch = dict(x0=normal(2, t, h, w, c), txt=normal(2, 512, 32), y_vec=normal(2, 24), null_txt=normal(1, 512, 32),
+                 null_vec=normal(1, 24), ref_head=normal(2, 1, h, w, c))
+    cfg = mmdit_step.StepConfig(cond_weights=check_weights({"i2v_head": 1}))
+    before = jax.tree.map(np.asarray, state.params)
+    new, metrics = jax.jit(lambda s, b: mmdit_step.update(graphdef, tx, cfg, s, b))(state, batch)
+    assert int(new.step) == 1 and np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    after = jax.tree.leaves(new.params)
     assert all(not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), after))
 
 

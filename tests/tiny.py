@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import pathlib
 
 import numpy as np
@@ -31,30 +30,11 @@ VAE_CONFIG = {
 }
 
 
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP's printable stand-in for each of the 256 bytes, in CLIP's vocabulary order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            chars.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in chars]
-
-
-BPE_MERGES = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>")]
-
-
 def write_clip_bpe(directory: pathlib.Path) -> pathlib.Path:
-    """A tiny CLIP BPE tokenizer (vocab.json + merges.txt) laid out like CLIP's: the 256 byte symbols, the same
-    with "</w>", the merges, then <|startoftext|> (516) and <|endoftext|> (517, the largest id, also padding)."""
-    chars = _bytes_to_unicode()
-    vocab = chars + [c + "</w>" for c in chars] + [a + b for a, b in BPE_MERGES]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in BPE_MERGES))
-    return directory
+    """A tiny CLIP BPE tokenizer laid out like CLIP's (opensora_jax.tools.tiny_v2.write_clip_bpe)."""
+    from opensora_jax.tools.tiny_v2 import write_clip_bpe as write
+
+    return write(directory)
 
 
 def write_spiece(directory: pathlib.Path) -> pathlib.Path:

@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=1000, b1=0.9, b2=0.999, eps=1e-15,
                                                  weight_decay=0.0, grad_clip=1.0))
     c.ema_decay = 0.99
+    # LoRA fine-tuning: rank > 0 trains only low-rank adapters on `targets` (default: the attention projections)
+    # and exports them to OUT_DIR/lora (sample.py --lora OUT_DIR/lora).
+    c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets=()))
     c.steps = 30000
     c.ckpt_every = 200
     c.keep_checkpoints = 3

@@ -65,6 +65,51 @@ SYNTHETIC = {
 # linearly in the batch, and per second of training batch 8 learns the prompts faster than 16 or 32.
 DEMO = {"32px": {17: (1.0, 8)}}
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Open-Sora 2.0 (spec §4; `configs/diffusion/train/*.py`): frame buckets 4k+1 (the causal Hunyuan VAE) or 4k
+# (the DC-AE), batch sizes per group of frame counts. Resolutions are "{S}px" names of the 2.0 training table
+# (`presets_v2_0.TrainingResolutions`).
+
+
+def frame_groups(image: tuple | None, groups, *, keep: float = 1.0, skip=()) -> dict:
+    """{T: (keep, batch)}: the image bucket `image` = (keep, batch) (or None) and, for each (first, last, step,
+    batch) of `groups`, every T in first..last by step (leaving out `skip`) with that batch."""
+    table = {} if image is None else {1: tuple(image)}
+    for first, last, step, batch in groups:
+        table.update({t: (keep, batch) for t in range(first, last + 1, step) if t not in skip})
+    return table
+
+
+def _v2_video(b33, b65, b97, b129, *, keep=1.0, skip=()):
+    return frame_groups(None, ((5, 33, 4, b33), (37, 65, 4, b65), (69, 97, 4, b97), (101, 129, 4, b129)),
+                        keep=keep, skip=skip)
+
+
+V2_IMAGE = {"256px": {1: (1.0, 50)}, "768px": {1: (0.5, 11)}, "1024px": {1: (0.5, 7)}}
+V2_STAGE1 = {"256px": {1: (1.0, 45), **_v2_video(12, 6, 4, 3)}, "768px": {1: (0.5, 13)}, "1024px": {1: (0.5, 7)}}
+V2_STAGE2 = {"256px": {1: (1.0, 130), **_v2_video(14, 10, 7, 6, skip=(69,))},
+             "768px": {1: (1.0, 38), **_v2_video(6, 4, 3, 2)}}
+V2_STAGE2_I2V = {"256px": {1: (1.0, 195), **_v2_video(80, 40, 28, 23)},
+                 "768px": {1: (0.5, 38), **_v2_video(10, 5, 3, 2, keep=0.5)}}
+V2_HIGH_COMPRESSION = {"768px": frame_groups((1.0, 20), ((16, 32, 4, 8), (36, 64, 4, 4), (68, 96, 4, 3),
+                                                         (100, 128, 4, 2)))}
+# Tiny buckets for the synthetic dataset (64×64 clips of 32 frames): images and 17-frame clips.
+V2_SYNTHETIC = {"64px": {1: (1.0, 4), 17: (1.0, 2)}}
+
+V2_STAGES = {"v2_image": V2_IMAGE, "v2_stage1": V2_STAGE1, "v2_stage1_i2v": V2_STAGE1, "v2_stage2": V2_STAGE2,
+             "v2_stage2_i2v": V2_STAGE2_I2V, "v2_high_compression": V2_HIGH_COMPRESSION,
+             "v2_synthetic": V2_SYNTHETIC}
+
+
+def _v2_resolutions(compression: int):
+    from opensora_jax.presets_v2_0 import TrainingResolutions
+
+    return TrainingResolutions(compression=compression)
+
+
 # Names a training config may use for `data.bucket_config` and `data.resolutions`.
-NAMED_BUCKET_CONFIGS = {**STAGES, "synthetic": SYNTHETIC, "demo": DEMO}
-NAMED_RESOLUTION_TABLES = {"synthetic": SYNTHETIC_RESOLUTIONS}
+NAMED_BUCKET_CONFIGS = {**STAGES, "synthetic": SYNTHETIC, "demo": DEMO, **V2_STAGES}
+NAMED_RESOLUTION_TABLES = {"synthetic": SYNTHETIC_RESOLUTIONS, "opensora_v2_0": _v2_resolutions(16),
+                           "opensora_v2_0_dc_ae": _v2_resolutions(32)}

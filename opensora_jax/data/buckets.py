@@ -20,7 +20,8 @@ draw for draw, so the same seed gives the same buckets as the reference:
     id·num_bucket + bucket_index)`, where bucket_index numbers the (res, T) pairs in trial order and
     num_bucket counts every (res, T, aspect-ratio) combination; with a pair (p_res, p_T) the p_T draw
     comes first and the p_res draw second from the same generator;
-  * the aspect-ratio key is that resolution's table key closest to h / w.
+  * the aspect-ratio key is that resolution's table key closest to h / w (keys are H/W numbers, or W:H names
+    taken at their nominal ratio as Open-Sora 2.0 does).
 
 The batch plan of an epoch groups the samples by (res, T, ar) bucket, shuffles each group, cuts it into
 batches (dropping the tail that does not fill one) and shuffles the order of the batches, all with one
@@ -29,6 +30,7 @@ batches (dropping the tail that does not fill one) and shuffles the order of the
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
@@ -83,14 +85,26 @@ def _probability(value, where: str) -> float:
     return float(value)
 
 
+def aspect_ratio_value(key: str) -> float:
+    """H / W of a resolution table's aspect-ratio key: a number ("0.56", v1.2) or a W:H name ("16:9", 2.0)."""
+    if ":" in key:
+        w, h = (float(v) for v in key.split(":"))
+        return h / w
+    return float(key)
+
+
 class Buckets:
     """A parsed bucket config. `resolutions` defaults to the v1.2 tables of `presets.RESOLUTIONS`."""
 
-    def __init__(self, bucket_config: Mapping, *, frame_interval: int = 1, resolutions: ResolutionTable | None = None):
+    def __init__(self, bucket_config: Mapping, *, frame_interval: int = 1, resolutions: ResolutionTable | None = None,
+                 fps_max: float | None = None):
         self.resolutions_table = RESOLUTIONS if resolutions is None else resolutions
         if not isinstance(frame_interval, int) or frame_interval < 1:
             raise UserError(f"frame_interval must be a positive integer, got {frame_interval!r}")
+        if fps_max is not None and not fps_max > 0:
+            raise UserError(f"fps_max must be a number > 0 (or None), got {fps_max!r}")
         self.frame_interval = frame_interval
+        self.fps_max = fps_max
         if not bucket_config:
             raise UserError("bucket_config is empty")
         for res in bucket_config:
@@ -136,22 +150,32 @@ class Buckets:
         """Position of (resolution, T) in trial order: the offset added to a sample's seed."""
         return self._index[(resolution, num_frames)]
 
+    def interval(self, fps: float | None) -> int:
+        """The frame interval of a video at `fps`: with `fps_max` (Open-Sora 2.0), ⌈fps / fps_max⌉ for faster
+        videos (1 for the rest and when fps is unknown); otherwise the fixed `frame_interval`."""
+        if self.fps_max is None:
+            return self.frame_interval
+        if fps is None or not math.isfinite(fps) or fps <= self.fps_max:
+            return 1
+        return math.ceil(fps / self.fps_max)
+
     def assign_bucket(
-        self, t: int, h: int, w: int, sample_id: int, *, seed: int = 0, epoch: int = 0
+        self, t: int, h: int, w: int, sample_id: int, *, seed: int = 0, epoch: int = 0, fps: float | None = None
     ) -> BucketKey | None:
-        """The bucket of a sample with t frames of h×w pixels, or None when no bucket keeps it."""
+        """The bucket of a sample with t frames of h×w pixels (at `fps`), or None when no bucket keeps it."""
         base = seed + epoch + sample_id * self.num_bucket
+        interval = self.interval(fps)
         pixels = h * w
         for res in self.resolutions:
             if pixels < self.resolutions_table[res][0] * MIN_PIXEL_FRACTION:
                 continue
-            chosen = self._choose(res, t, base)
+            chosen = self._choose(res, t, base, interval)
             if chosen is not None:
-                ar_key = min(self.resolutions_table[res][1], key=lambda k: abs(float(k) - h / w))
+                ar_key = min(self.resolutions_table[res][1], key=lambda k: abs(aspect_ratio_value(k) - h / w))
                 return BucketKey(res, chosen, ar_key)
         return None
 
-    def _choose(self, res: str, t: int, base: int) -> int | None:
+    def _choose(self, res: str, t: int, base: int, interval: int) -> int | None:
         """The frame bucket of resolution `res` that keeps the sample, or None to try the next resolution."""
         buckets = self._probs[res]
         if t == 1:
@@ -163,7 +187,7 @@ class Buckets:
             rng = np.random.default_rng(base + self._index[(res, bucket_t)])
             if p_t is not None and rng.random() > p_t:
                 continue
-            if bucket_t != 1 and t > bucket_t * self.frame_interval:
+            if bucket_t != 1 and t > bucket_t * interval:
                 return bucket_t if p_res >= 1 or rng.random() < p_res else None
         return None
 
@@ -179,12 +203,13 @@ class Buckets:
         return bs
 
     def group(
-        self, samples: Iterable[tuple[int, int, int, int]], *, seed: int = 0, epoch: int = 0
+        self, samples: Iterable[tuple], *, seed: int = 0, epoch: int = 0
     ) -> dict[BucketKey, list[int]]:
-        """(row id, t, h, w) for each sample → {bucket: row ids}, buckets in order of first appearance."""
+        """(row id, t, h, w) or (row id, t, h, w, fps) for each sample → {bucket: row ids}, buckets in order of
+        first appearance."""
         groups: dict[BucketKey, list[int]] = {}
-        for sample_id, t, h, w in samples:
-            key = self.assign_bucket(t, h, w, sample_id, seed=seed, epoch=epoch)
+        for sample_id, t, h, w, *fps in samples:
+            key = self.assign_bucket(t, h, w, sample_id, seed=seed, epoch=epoch, fps=fps[0] if fps else None)
             if key is not None:
                 groups.setdefault(key, []).append(sample_id)
         return groups

@@ -36,6 +36,7 @@ FORMAT_VERSION = 1
 INDEX_SUFFIX = ".index.json"
 _DTYPE_PREFIX = "__dtype__"  # npz entry holding the real dtype of an array stored as raw unsigned ints
 CARRIED_KEYS = ("num_frames", "height", "width", "fps", "ar", "index")
+NULL_TEXT_FILE = "null_text.npz"  # Open-Sora 2.0 features: the encodings of "" that text dropout swaps in
 
 
 def _encodable(name: str, array: np.ndarray) -> dict[str, np.ndarray]:
@@ -85,6 +86,24 @@ def write_features(
     encode_video: video (B, T, H, W, 3) → latent (B, T', H', W', C).
     encode_text: B captions → (y (B, L, C), mask (B, L)).
     """
+
+    def encode(batch):
+        y, mask = encode_text([str(t) for t in batch["text"]])
+        return {"latent": encode_video(batch["video"]), "y": y, "mask": mask}
+
+    return write_feature_batches(batches, out_dir, encode, name=name, max_batches=max_batches)
+
+
+def write_feature_batches(
+    batches: Iterable[Mapping[str, np.ndarray]],
+    out_dir,
+    encode: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]],
+    *,
+    name: str = "features",
+    max_batches: int | None = None,
+) -> str:
+    """Like `write_features` with any encoder: `encode(batch)` returns the arrays to store ({name: (B, ...)}, one
+    of them `latent`); the loader's CARRIED_KEYS are stored beside them. Returns the index path."""
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     if not name or os.sep in name:
@@ -94,23 +113,38 @@ def write_features(
         if max_batches is not None and k >= max_batches:
             break
         b = len(batch["video"])
-        latent = np.asarray(encode_video(batch["video"]))
-        y, mask = encode_text([str(t) for t in batch["text"]])
-        y, mask = np.asarray(y), np.asarray(mask)
-        for what, arr in (("latent", latent), ("y", y), ("mask", mask)):
-            if arr.shape[0] != b:
-                raise ValueError(f"{what} has batch dimension {arr.shape[0]}, expected {b} (shape {arr.shape})")
+        encoded = {key: np.asarray(arr) for key, arr in encode(batch).items()}
         entries = {}
-        for key, arr in (("latent", latent), ("y", y), ("mask", mask)):
+        for key, arr in encoded.items():
+            if arr.shape[0] != b:
+                raise ValueError(f"{key} has batch dimension {arr.shape[0]}, expected {b} (shape {arr.shape})")
             entries.update(_encodable(key, arr))
         entries.update({key: np.asarray(batch[key]) for key in CARRIED_KEYS if key in batch})
         file = f"{name}-{k:06d}.npz"
         _atomic_write(os.path.join(out_dir, file), functools.partial(_save_npz, entries=entries))
-        shards.append({"file": file, "batch_size": b, "latent_shape": list(latent.shape)})
+        shards.append({"file": file, "batch_size": b, "latent_shape": list(encoded["latent"].shape)})
     index = {"version": FORMAT_VERSION, "shards": shards}
     path = os.path.join(out_dir, name + INDEX_SUFFIX)
     _atomic_write(path, lambda f: f.write(json.dumps(index, indent=1).encode()))
     return path
+
+
+def write_arrays(path, arrays: Mapping[str, np.ndarray]) -> None:
+    """One .npz of named arrays, written atomically (e.g. the null text encodings beside 2.0 features)."""
+    entries = {}
+    for key, arr in arrays.items():
+        entries.update(_encodable(key, np.asarray(arr)))
+    _atomic_write(os.fspath(path), functools.partial(_save_npz, entries=entries))
+
+
+def load_null_text(root) -> tuple[np.ndarray, np.ndarray]:
+    """(null_txt (1, L, D), null_vec (1, D')) stored beside Open-Sora 2.0 features (`cli/features_v2_0.py`)."""
+    path = os.path.join(os.fspath(root), NULL_TEXT_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is missing: these are not Open-Sora 2.0 features (write them with "
+                        "python -m opensora_jax.cli.features_v2_0)")
+    arrays = load_shard(path)
+    return arrays["null_txt"], arrays["null_vec"]
 
 
 def read_index(root) -> list[dict]:

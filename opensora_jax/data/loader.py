@@ -7,7 +7,8 @@ Each batch is a dict of numpy arrays (B = the bucket's batch size):
     num_frames  float32 (B,)             T of the bucket
     height      float32 (B,)             H of the bucket
     width       float32 (B,)             W of the bucket
-    fps         float32 (B,)             native fps // frame_interval; 120 for images
+    fps         float32 (B,)             native fps // frame interval (fixed, or ⌈fps / fps_max⌉ per video); 120
+                                         for images
     ar          float32 (B,)             H / W of the bucket
     index       int64   (B,)             CSV row id of each sample actually loaded
 
@@ -195,7 +196,7 @@ class LoadBatch:
             sample.path,
             t,
             (h, w),
-            frame_interval=self.buckets.frame_interval,
+            frame_interval=self.buckets.interval(sample.fps),
             rng=sample_rng(self.seed, self.epoch, index),
             fallback_fps=sample.fps,
         )
@@ -274,6 +275,7 @@ class VideoLoader:
         num_epochs: int | None = None,
         frame_interval: int = 1,
         resolutions=None,
+        fps_max: float | None = None,
         num_workers: int = 0,
         num_threads: int = 1,
         prefetch: int = 2,
@@ -285,7 +287,8 @@ class VideoLoader:
         if isinstance(bucket_config, Buckets):
             self.buckets = bucket_config
         else:
-            self.buckets = Buckets(bucket_config, frame_interval=frame_interval, resolutions=resolutions)
+            self.buckets = Buckets(bucket_config, frame_interval=frame_interval, resolutions=resolutions,
+                                   fps_max=fps_max)
         self.seed = seed
         self.num_epochs = num_epochs
         self.num_workers = num_workers
@@ -313,7 +316,7 @@ class VideoLoader:
         """This process's batch plan for `epoch` (cached: the latest two epochs)."""
         if epoch not in self._plans:
             groups = self.buckets.group(
-                ((s.index, s.num_frames, s.height, s.width) for s in self.dataset.samples),
+                ((s.index, s.num_frames, s.height, s.width, s.fps) for s in self.dataset.samples),
                 seed=self.seed,
                 epoch=epoch,
             )
@@ -366,7 +369,7 @@ class VideoLoader:
 
 
 def make_video_loader(csv, bucket_config, *, resolutions=None, seed: int = 0, frame_interval: int = 1,
-                      num_workers: int = 0, num_epochs: int | None = None):
+                      num_workers: int = 0, num_epochs: int | None = None, fps_max: float | None = None):
     """A VideoLoader of a CSV; bucket_config is a name of `bucket_configs.NAMED_BUCKET_CONFIGS` or a dict,
     resolutions a name of `NAMED_RESOLUTION_TABLES` (or empty). Shared by train.py and the feature writer."""
     buckets = bucket_config
@@ -384,4 +387,4 @@ def make_video_loader(csv, bucket_config, *, resolutions=None, seed: int = 0, fr
             raise UserError(f"resolutions {resolutions!r} unknown; names: {sorted(bucket_configs.NAMED_RESOLUTION_TABLES)}")
         table = bucket_configs.NAMED_RESOLUTION_TABLES[resolutions]
     return VideoLoader(csv, buckets, seed=seed, frame_interval=frame_interval, num_workers=num_workers,
-                       resolutions=table, num_epochs=num_epochs)
+                       resolutions=table, num_epochs=num_epochs, fps_max=fps_max)

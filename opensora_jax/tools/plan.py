@@ -15,10 +15,10 @@ Nothing is allocated: the model is built with `nnx.eval_shape`, the optimizer st
   MMDiT sampling  `opensora_jax.schedulers.flow_v2.sample` (the Open-Sora 2.0 sampler), text-to-video with the
             reference's batch of 3·B ([prompt, neg, neg without image condition]) and its default guidance
             schedules: every step inside one `lax.scan`, so the number of steps does not change the memory.
-  MMDiT training  one rectified-flow step (spec §4; `mmdit_train_step`, the planner's own until the repo has a
-            2.0 trainer): logit-normal timesteps under the sampling shift, x_t, velocity target, float32 MSE,
-            gradients of float32 master params, AdamW (eps 1e-15, clip 1.0) and no EMA (the reference trains
-            without), state donated.
+  MMDiT training  one update of the Open-Sora 2.0 trainer (`opensora_jax.training.mmdit_step.update`, spec §4):
+            logit-normal timesteps under the shift, text dropout, x_t, velocity target, float32 MSE, gradients
+            of float32 master params, AdamW (eps 1e-15, clip 1.0) and no EMA (the reference trains without),
+            state donated; text-to-video (a zero image condition where the model takes one).
 
 All use the plan's attention implementation (default: the model's default; `xla` reproduces the STDiT3 figures
 made before blockwise attention). Under a mesh with sequence > 1 the MMDiT's joint attention is ring attention.
@@ -45,7 +45,6 @@ from typing import Any, Sequence
 # sets the fake-device count before anything asks for a device.
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from opensora_jax import parallel, presets
@@ -56,6 +55,7 @@ from opensora_jax.models.stdit3 import PRESETS, REMAT_POLICIES, STDiT3, STDiT3Co
 from opensora_jax.schedulers import flow_v2
 from opensora_jax.schedulers.rflow import RFlowSampler
 from opensora_jax.training.optim import make_optimizer, trainable_filter
+from opensora_jax.training import mmdit_step
 from opensora_jax.training.state import StepConfig, init_state, train_step
 
 GIB = 2**30
@@ -99,7 +99,6 @@ MMDIT_TEXT_TOKENS = 512  # T5 tokens per prompt (padded, no mask): the joint seq
 MMDIT_IMAGE_DIVISOR = 16  # AE_SPATIAL_COMPRESSION of get_image_size: pixel sizes are multiples of it
 # Latent channels → (autoencoder, spatial compression, temporal compression, causal).
 MMDIT_AUTOENCODERS = {16: ("Hunyuan VAE", 8, 4, True), 128: ("Video DC-AE", 32, 4, False)}
-SIGMA_MIN = 1e-5
 
 
 def model_family(model: str | STDiT3Config | MMDiTConfig) -> str:
@@ -444,66 +443,35 @@ def lower_mmdit_sampling(spec: PlanSpec, cfg: MMDiTConfig, video: VideoShape, me
         return jitted.lower(state, z, img_ids, text)
 
 
-def mmdit_train_step(graphdef, tx, video: VideoShape, state: dict, batch: dict):
-    """One rectified-flow update of the MMDiT (spec §4); state: step, params (float32), rest, opt_state, rng.
-
-    t = shift(sigmoid(N(0, 1))) with the sampling α, x_t = (1 − t)·x0 + (σmin + (1 − σmin)·t)·ε, target
-    v = (1 − σmin)·ε − x0, loss = float32 MSE. batch: x0 (B, L_img, C·p²) packed latents, txt, y_vec, and cond
-    (zeros for t2v) / guidance where the model takes them.
-    """
-    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    k_t, k_noise = jax.random.split(key)
-    x0 = batch["x0"].astype(jnp.float32)
-    b = x0.shape[0]
-    alpha = flow_v2.shift_alpha(video.tokens[1], video.tokens[0])
-
-    def loss_fn(params):
-        model = nnx.merge(graphdef, params, state["rest"])
-        dt = jnp.dtype(model.cfg.dtype)
-        t = jax.nn.sigmoid(jax.random.normal(k_t, (b,), jnp.float32))
-        t = alpha * t / (1 + (alpha - 1) * t)
-        noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-        tt = t[:, None, None]
-        x_t = (1 - tt) * x0 + (SIGMA_MIN + (1 - SIGMA_MIN) * tt) * noise
-        target = (1 - SIGMA_MIN) * noise - x0
-        img_ids = mmdit.image_position_ids(b, video.latent[:3], model.cfg.patch_size)
-        txt_ids = mmdit.text_position_ids(b, batch["txt"].shape[1])
-        v = model(x_t.astype(dt), img_ids, batch["txt"], txt_ids, t.astype(dt), batch["y_vec"], batch.get("cond"),
-                  batch.get("guidance"))
-        return jnp.mean(jnp.square(v - target))
-
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
-    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-
-
 def abstract_mmdit_train_state(cfg: MMDiTConfig, tx, mesh):
-    """(graphdef, state of sharded ShapeDtypeStructs): float32 params, the rest, AdamW state, step, rng."""
-    graphdef, params, rest = nnx.split(abstract_model(cfg), nnx.Param, ...)
+    """(graphdef, MMDiTTrainState of sharded ShapeDtypeStructs): float32 params, the rest, AdamW state, no EMA."""
+    captured = {}
 
-    def build(params, rest):
-        return dict(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params),
-                    rng=jax.random.key_data(jax.random.key(0)))
+    def build(model_state):
+        model = nnx.merge(graphdef, model_state)
+        g, state = mmdit_step.init_state(model, tx, nnx.Param, 0)
+        captured["graphdef"] = g  # static structure, safe to take out of the trace
+        return state
 
-    return graphdef, _with_sharding(jax.eval_shape(build, params, rest), mesh)
+    graphdef, model_state = nnx.split(abstract_model(cfg))
+    state = jax.eval_shape(build, model_state)
+    return captured["graphdef"], _with_sharding(state, mesh)
 
 
 def lower_mmdit_training(spec: PlanSpec, cfg: MMDiTConfig, video: VideoShape, mesh) -> jax.stages.Lowered:
-    """One `mmdit_train_step` with the state donated and kept on its own shardings."""
+    """One update of the Open-Sora 2.0 trainer (`training.mmdit_step.update`: t2v, text dropout, no EMA) with the
+    state donated and kept on its own shardings."""
     tx = make_optimizer()
     graphdef, state = abstract_mmdit_train_state(cfg, tx, mesh)
     b, dt = spec.batch, cfg.dtype
-    batch = dict(x0=_batch_array((b, video.image_tokens, cfg.in_channels), dt, mesh),
-                 **_mmdit_conditioning(cfg, video, b, mesh))
-    if cfg.cond_embed:
-        batch["cond"] = _batch_array((b, video.image_tokens, cfg.cond_channels), dt, mesh)
-    if cfg.guidance_embed:
-        batch["guidance"] = _batch_array((b,), dt, mesh)
+    t, h, w, c = video.latent
+    text = _mmdit_conditioning(cfg, video, b, mesh)
+    batch = dict(x0=_batch_array((b, t, h, w, c), dt, mesh), txt=text["txt"], y_vec=text["y_vec"],
+                 null_txt=jax.ShapeDtypeStruct((1, *text["txt"].shape[1:]), dt, sharding=parallel.replicated(mesh)),
+                 null_vec=jax.ShapeDtypeStruct((1, text["y_vec"].shape[1]), dt, sharding=parallel.replicated(mesh)))
 
     def step(state, batch):
-        return mmdit_train_step(graphdef, tx, video, state, batch)
+        return mmdit_step.update(graphdef, tx, mmdit_step.StepConfig(), state, batch)
 
     jitted = jax.jit(step, out_shardings=(_shardings(state), parallel.replicated(mesh)), donate_argnums=0)
     with parallel.sharding_context(mesh):

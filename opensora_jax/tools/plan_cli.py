@@ -2,8 +2,8 @@
 
 One plan (`opensora_jax.tools.plan`) or, with --table, a README per-device memory table
 (`opensora_jax.tools.plan_table`): STDiT3's by default, the Open-Sora 2.0 MMDiT's with `--model mmdit`;
-`--readme README.md` writes it between that family's markers. Invalid names and meshes are argparse errors
-(exit 2).
+`--readme README.md` writes it between that family's markers. Invalid names, numbers, meshes and output paths
+are one-line errors (exit 2), found before jax starts.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from opensora_jax import parallel, presets
+from opensora_jax.checks import check_writable_dir, one_line_errors
 from opensora_jax.models import mmdit
 from opensora_jax.models.stdit3 import PRESETS, STDiT3Config
 from opensora_jax.tools.plan import (DTYPES, FAMILY_DEFAULTS, MODEL_ALIASES, REMATS, PlanSpec, VideoShape,
@@ -106,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"with --table: resolutions (default STDiT3 {','.join(TABLE_RESOLUTIONS)}; MMDiT "
                              f"sampling {','.join(MMDIT_TABLE_RESOLUTIONS['sample'])}, training "
                              f"{','.join(MMDIT_TABLE_RESOLUTIONS['train'])})")
-    parser.add_argument("--table-devices", type=_int_csv, default=TABLE_DEVICES, metavar="COUNTS",
-                        help=f"with --table: device counts, a subset of {','.join(map(str, TABLE_DEVICES))}")
+    parser.add_argument("--table-devices", type=_int_csv, default=None, metavar="COUNTS",
+                        help=f"with --table: device counts (default: all of the table's; STDiT3 "
+                             f"{','.join(map(str, TABLE_DEVICES))}, MMDiT training also 256)")
     parser.add_argument("--table-remat", type=_csv, default=TABLE_REMATS, metavar="POLICIES",
                         help=f"with --table: training rows for each of these remat policies ({','.join(REMATS)}); "
                              f"any other than the default {','.join(TABLE_REMATS)} adds a Remat column")
@@ -115,7 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --table: also write the table into PATH between the model family's markers "
                              f"({TABLE_MARKERS['mmdit'][0]} ... {TABLE_MARKERS['mmdit'][1]} for the MMDiT, "
                              f"{TABLE_MARKERS['stdit3'][0]} ... for STDiT3)")
-    return parser
+    return one_line_errors(parser)
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Counts and the --json output, before jax starts (ValueError → a one-line usage error)."""
+    for flag, value in (("--batch", args.batch), ("--steps", args.steps), ("--devices", args.devices)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a whole number ≥ 1, got {value}")
+    if args.json:
+        if not pathlib.Path(args.json).absolute().parent.is_dir():
+            raise ValueError(f"--json {args.json!r}: its directory does not exist")
+        check_writable_dir(pathlib.Path(args.json).absolute().parent, "--json")
+        if pathlib.Path(args.json).is_dir():
+            raise ValueError(f"--json {args.json!r} is a directory; give a file name")
 
 
 def _spec_from_args(args: argparse.Namespace) -> PlanSpec:
@@ -138,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_numbers(args)
         specs = (table_specs(args.table_modes, args.table_resolutions, args.table_devices, model=args.model,
                              aspect_ratio=args.aspect_ratio, num_frames=args.num_frames, remats=args.table_remat,
                              attention=args.attention) if args.table

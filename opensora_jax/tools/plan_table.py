@@ -28,14 +28,14 @@ TABLE_MESHES = {
 # The MMDiT table (Open-Sora 2.0, 11B): several meshes per device count, because which axis helps depends on the
 # resolution. Sampling one video is a model batch of 3 (the guidance triple), which no power-of-two data/fsdp
 # splits: fsdp can only split the weights there. tensor=8 is the reference's 256px plugin (TP 8), sequence=8 its
-# 768px one (ring attention, SP 8). Training keeps one sample per data-parallel rank (batch = data × fsdp),
-# 256px only (the reference's stage-1 resolution).
-MMDIT_TABLE_RESOLUTIONS = {"sample": ("256px", "768px"), "train": ("256px",)}
+# 768px one (ring attention, SP 8). Training (the 2.0 trainer's update) keeps one sample per data-parallel rank
+# (batch = data × fsdp), at 256px (stage 1) and 768px (stage 2), up to a 256-device pod slice.
+MMDIT_TABLE_RESOLUTIONS = {"sample": ("256px", "768px"), "train": ("256px", "768px")}
 MMDIT_TABLE_MESHES = {
     "sample": {1: ("data=1",), 8: ("fsdp=8", "tensor=8", "sequence=8", "fsdp=2,sequence=4"),
                64: ("fsdp=8,sequence=8", "tensor=8,sequence=8")},
     "train": {1: ("data=1",), 8: ("fsdp=8", "tensor=8", "fsdp=2,sequence=4"),
-              64: ("fsdp=8,sequence=8", "fsdp=8,tensor=8")},
+              64: ("fsdp=8,sequence=8", "fsdp=8,tensor=8"), 256: ("fsdp=32,sequence=8", "fsdp=64,tensor=4")},
 }
 
 # README markers each family's table is written between (`plan_cli --table --readme README.md`).
@@ -54,13 +54,13 @@ def table_resolutions(family: str, mode: str) -> tuple[str, ...]:
     return MMDIT_TABLE_RESOLUTIONS[mode] if family == "mmdit" else TABLE_RESOLUTIONS
 
 
-def table_specs(modes=TABLE_MODES, resolutions=None, devices=TABLE_DEVICES,
+def table_specs(modes=TABLE_MODES, resolutions=None, devices=None,
                 model: str = "STDiT3-XL/2", aspect_ratio: str | None = None, num_frames: str | int | None = None,
                 remats=TABLE_REMATS, attention: str | None = None) -> list[PlanSpec]:
     """A README table's entries: sampling with batch 1 (CFG ⇒ 2 for STDiT3, the guidance triple ⇒ 3 for the
     MMDiT); training with one sample per data-parallel rank (data × fsdp), one row per remat policy of `remats`.
-    `resolutions`, `aspect_ratio`, `num_frames` None are the family's table defaults; `attention` None is the
-    model's default."""
+    `resolutions`, `aspect_ratio`, `num_frames` None are the family's table defaults; `devices` None is every
+    device count the family's table has for each mode; `attention` None is the model's default."""
     if not remats:
         raise ValueError("give at least one remat policy for the table")
     family = model_family(model)
@@ -73,7 +73,7 @@ def table_specs(modes=TABLE_MODES, resolutions=None, devices=TABLE_DEVICES,
         if mode not in meshes:
             raise ValueError(f"table mode {mode!r} unknown; choose from {TABLE_MODES}")
         for resolution in (table_resolutions(family, mode) if resolutions is None else resolutions):
-            for count in devices:
+            for count in (sorted(meshes[mode]) if devices is None else devices):
                 if count not in meshes[mode]:
                     raise ValueError(f"no table mesh for {count} devices; choose from {sorted(meshes[mode])}")
                 for mesh in meshes[mode][count]:

@@ -46,3 +46,21 @@ class RunCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def start_or_resume(config, out_dir, state, loader):
+    """(checkpointer, data iterator, state) of a run in OUT_DIR: when OUT_DIR/checkpoints holds a step, the state
+    and the iterator's position come from it and metrics.jsonl is trimmed to that step (the trainers' shared
+    resume)."""
+    from opensora_jax.training import run_dir
+
+    out_dir = pathlib.Path(out_dir)
+    checkpointer = RunCheckpointer(out_dir / "checkpoints", every=config.ckpt_every, keep=config.keep_checkpoints,
+                                   async_save=config.async_checkpoint)
+    iterator = iter(loader)
+    if checkpointer.latest_step() is not None:
+        state, data_state = checkpointer.restore(state)
+        iterator.set_state(data_state["iterator"])
+        run_dir.trim_metrics(out_dir, int(state.step))
+        print(f"resumed from step {int(state.step)} ({checkpointer.directory})", flush=True)
+    return checkpointer, iterator, state

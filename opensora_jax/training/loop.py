@@ -26,7 +26,7 @@ from opensora_jax.parallel import make_mesh, shard_batch, shard_params, sharding
 from opensora_jax.text.t5 import TextEncoder
 from opensora_jax.text.tokenizer import default_tokenizer_dir
 from opensora_jax.training import run_dir
-from opensora_jax.training.checkpointing import RunCheckpointer
+from opensora_jax.training.checkpointing import start_or_resume
 from opensora_jax.training.driver import run_loop, to_device
 from opensora_jax.training.optim import make_optimizer, trainable_filter
 from opensora_jax.training.state import StepConfig, init_state, train_step
@@ -42,6 +42,17 @@ def model_config(config: ml_collections.ConfigDict) -> STDiT3Config:
     if config.get("model_preset"):
         return preset(config.model_preset, **arch, **execution)
     return STDiT3Config(**arch, **execution)
+
+
+def lora_config(config: ml_collections.ConfigDict):
+    """The run's `models.lora.LoRAConfig` when it fine-tunes LoRA adapters (lora.rank > 0), else None."""
+    lo = config.get("lora")
+    if not lo or not lo.get("rank", 0):
+        return None
+    from opensora_jax.models.lora import LoRAConfig
+
+    targets = tuple(lo.targets) if lo.get("targets") else None
+    return LoRAConfig(rank=int(lo.rank), alpha=float(lo.get("alpha") or lo.rank), targets=targets)
 
 
 def build_model(config: ml_collections.ConfigDict, load: ModelLoader = load_model) -> STDiT3:
@@ -168,11 +179,20 @@ def train(config: ml_collections.ConfigDict, *, stop_after: int | None = None, l
     if config.get("mesh"):
         mesh = make_mesh(config.mesh)
     model = build_model(config, load)
+    lora = lora_config(config)
+    if lora is not None:
+        from opensora_jax.models.lora import apply_lora, lora_filter
+
+        apply_lora(model, lora, nnx.Rngs(config.seed + 1))
     if mesh is not None:
         shard_params(model, mesh)  # optimizer state and EMA inherit these placements
     cfg = model.cfg
     tx = make_optimizer(**config.optimizer.to_dict())
-    trainable = trainable_filter(freeze_y_embedder=config.freeze_y_embedder, only_train_temporal=config.only_train_temporal)
+    if lora is not None:
+        trainable = lora_filter
+    else:
+        trainable = trainable_filter(freeze_y_embedder=config.freeze_y_embedder,
+                                     only_train_temporal=config.only_train_temporal)
     graphdef, state = init_state(model, tx, trainable, config.seed)
     del model
     step_cfg = StepConfig(mask_ratios=tuple(sorted(dict(config.mask_ratios).items())),
@@ -182,14 +202,7 @@ def train(config: ml_collections.ConfigDict, *, stop_after: int | None = None, l
     loader = make_loader(config)
     vae, text_encoder = load_frozen_encoders(config, cfg.model_max_length, load)
     encoder = BatchEncoder(vae, text_encoder, seed=config.seed, model_dtype=cfg.dtype)
-    checkpointer = RunCheckpointer(out_dir / "checkpoints", every=config.ckpt_every, keep=config.keep_checkpoints,
-                                   async_save=config.async_checkpoint)
-    iterator = iter(loader)
-    if checkpointer.latest_step() is not None:
-        state, data_state = checkpointer.restore(state)
-        iterator.set_state(data_state["iterator"])
-        run_dir.trim_metrics(out_dir, int(state.step))
-        print(f"resumed from step {int(state.step)} ({checkpointer.directory})", flush=True)
+    checkpointer, iterator, state = start_or_resume(config, out_dir, state, loader)
 
     result = run_loop(state, make_step_fn(graphdef, tx, step_cfg, encoder, mesh), iterator, checkpointer,
                       metrics_path=out_dir / "metrics.jsonl", start_step=int(state.step), total_steps=config.steps,
@@ -200,7 +213,15 @@ def train(config: ml_collections.ConfigDict, *, stop_after: int | None = None, l
     if skipped or getattr(loader, "substitutions", 0):
         print(f"bad data: skipped {skipped}, substituted {getattr(loader, 'substitutions', 0)} samples", flush=True)
     exported = None
-    if config.get("export_ema"):
+    if lora is not None:
+        from opensora_jax.lora_files import save_adapters
+
+        use_ema = bool(config.get("export_ema"))
+        params = state.ema if use_ema else state.params
+        model = nnx.merge(graphdef, jax.tree.map(lambda p, q: p.astype(q.dtype), params, state.params), state.rest)
+        exported = save_adapters(out_dir / "lora", model, lora, base=config.get("from_pretrained") or None)
+        print(f"exported the {'EMA ' if use_ema else ''}LoRA adapters to {exported}", flush=True)
+    elif config.get("export_ema"):
         exported = export_model(graphdef, state, out_dir / "ema_model", config=cfg.to_dict())
         print(f"exported EMA model to {exported}", flush=True)
-    return {"step": step, "skipped": skipped, "exported": exported}
+    return {"step": step, "skipped": skipped, "exported": exported, "state": state, "graphdef": graphdef}
