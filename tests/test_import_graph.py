@@ -14,7 +14,7 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("opensora_jax", "convert")
 # Layers above the core: they may convert reference weights on the fly, so they may import `convert`.
-ALLOWED_TO_IMPORT_CONVERT = ("opensora_jax.cli", "opensora_jax.tools")
+ALLOWED_TO_IMPORT_CONVERT = ("opensora_jax.cli", "opensora_jax.tools", "opensora_jax.app")
 
 
 def _module_name(path: pathlib.Path) -> str:
