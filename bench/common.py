@@ -57,11 +57,14 @@ def host_peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def matmul_flops_per_s(n: int = 2048, dtype=jnp.float32) -> float:
-    """FLOP/s of one n×n×n matmul on the default device: the roofline next to which model figures are read."""
-    a = jnp.ones((n, n), dtype)
+def matmul_flops_per_s(n: int = 2048, dtype=jnp.float32, repeats: int = 5, random: bool = False) -> float:
+    """FLOP/s of one n×n×n matmul on the default device: the roofline next to which model figures are read.
+
+    `random` multiplies normal random matrices instead of ones (a GPU draws more power, and may clock lower,
+    on random data)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype) if random else jnp.ones((n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
-    t = time_compiled(f, a, a, repeats=5)
+    t = time_compiled(f, a, a, repeats=repeats)
     return 2 * n**3 / t["run_s_median"]
 
 
@@ -81,8 +84,13 @@ def environment() -> dict:
 def write_json(name: str, payload: dict) -> pathlib.Path:
     """Writes bench/results/<name>.json atomically (temporary name, then rename)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
+    return write_json_at(RESULTS_DIR / f"{name}.json", payload)
+
+
+def write_json_at(path: str | os.PathLike, payload: dict) -> pathlib.Path:
+    """Writes `payload` as JSON to `path` atomically (temporary name in the same folder, then rename)."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
     return path
