@@ -385,6 +385,7 @@ def _noisy_stdit3(attention_impl: str):
     return model, jax.tree.map(jnp.asarray, inputs)
 
 
+@pytest.mark.slow  # default run kept near 15 minutes; run with -m slow
 def test_stdit3_defaults_to_auto_and_matches_xla():
     """Every attention of the model (spatial, temporal, cross with a non-prefix text mask, packed to lengths):
     the default (auto: blockwise on CPU) matches the naive path. Parameters get noise so the zero-initialised

@@ -34,6 +34,7 @@ def test_demo_model_is_small_and_complete():
     assert (DEMO / "make_demo.sh").is_file() and (DEMO / "README.md").is_file()
 
 
+@pytest.mark.slow  # default run kept near 15 minutes; run with -m slow
 def test_demo_follows_colour_and_direction_of_prompts(demo_pipeline):
     """Every colour × shape × direction prompt, two seeds: the dominant colour and the centroid's travel
     read off the frames must both match the prompt in at least 80% of the clips."""

@@ -44,6 +44,7 @@ def test_tiny_t5_directory_encodes_the_captions(captions_csv, tmp_path):
         tiny_t5.make_text_encoder(tmp_path / "missing.csv", tmp_path / "x")
 
 
+@pytest.mark.slow  # default run kept near 15 minutes; run with -m slow
 def test_latent_stats_normalise_the_latents(captions_csv, tmp_path):
     from convert.checkpoint import save_converted
     from convert.registry import load_model

@@ -38,6 +38,7 @@ def test_sample_cli_writes_a_playable_mp4_with_sidecars(ckpts, tmp_path):
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
 
 
+@pytest.mark.slow  # default run kept near 15 minutes; run with -m slow
 def test_sample_cli_image_to_video_and_loop(ckpts, tmp_path):
     ref = tmp_path / "ref.png"
     video_io.write_image(np.full((64, 64, 3), 200, np.uint8), ref)
@@ -64,6 +65,7 @@ def test_missing_checkpoint_is_named(ckpts, tmp_path):
     assert done.returncode == 2 and "nope" in done.stderr
 
 
+@pytest.mark.slow  # default run kept near 15 minutes; run with -m slow
 def test_generation_on_a_mesh_equals_one_device(ckpts):
     """Parameters placed on a data×sequence mesh give the same frames (±1 level) as one device."""
     from opensora_jax.pipelines.opensora_v1_2 import Pipeline

@@ -51,6 +51,7 @@ def test_training_plan_shrinks_per_device_memory(training):
     assert sharded.memory.temporaries < single.memory.temporaries  # batch 8 split over fsdp
 
 
+@pytest.mark.slow  # default run kept near 15 minutes; run with -m slow
 def test_remat_policies_trade_memory():
     """Recomputing everything needs the least, keeping the matmul outputs more, no remat the most (with two
     layers: one layer's backward holds its own forward whatever the policy)."""

@@ -171,8 +171,10 @@ def test_table_specs_rows_and_markers(sampling, training, tmp_path):
     assert sample[:3] == [("256px", "data=1"), ("256px", "fsdp=8"), ("256px", "tensor=8")]
     assert {r for r, _ in sample} == {"256px", "768px"}
     train = [(s.resolution, s.mesh, s.batch) for s in specs if s.train]
-    assert train[:2] == [("256px", "data=1", 1), ("256px", "fsdp=8", 8)] and {r for r, _, _ in train} == {"256px"}
-    assert ("256px", "fsdp=8,sequence=8", 8) in train
+    assert train[:2] == [("256px", "data=1", 1), ("256px", "fsdp=8", 8)] and {r for r, _, _ in train} == {"256px",
+                                                                                                        "768px"}
+    assert ("256px", "fsdp=8,sequence=8", 8) in train and ("768px", "fsdp=32,sequence=8", 32) in train
+    assert not any(s.devices == 256 or "fsdp=32" in s.mesh for s in specs if not s.train)  # 256 devices: training
     assert plan_table.shows_tokens(specs) and not plan_table.shows_tokens(plan_table.table_specs())
     header, align = plan_table.table_header(tokens_column=True)
     assert "| Latent T×H×W | Tokens | Devices |" in header and align.count("|") == header.count("|")

@@ -44,6 +44,7 @@ def _model(**overrides):
     return STDiT3(STDiT3Config(**{**TINY, **overrides}), rngs=nnx.Rngs(1))
 
 
+@pytest.mark.slow  # default run kept near 15 minutes; run with -m slow
 def test_text_mask_equals_truncated_text():
     """A padded caption with its mask gives the same output as the caption cut to its valid tokens."""
     model = _model()

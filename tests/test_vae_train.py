@@ -232,6 +232,7 @@ def _setup(config):
     return graphdef, disc_graphdef, tx, state
 
 
+@pytest.mark.slow  # default run kept near 15 minutes; run with -m slow
 def test_loss_falls_on_synthetic_clips():
     config = _config()
     graphdef, disc_graphdef, tx, state = _setup(config)

@@ -13,6 +13,7 @@ import json
 import pathlib
 import secrets
 import threading
+import time
 from typing import Callable
 
 import ml_collections
@@ -66,6 +67,7 @@ class Generator:
         self.base_config, self.pipeline, self.controls = base_config, pipeline, controls
         self.model_argv = list(model_argv or [])
         self._lock = threading.Lock()  # one generation at a time, whoever calls
+        self.intervals: list[tuple[float, float]] = []  # (start, end) monotonic times of each generation run
 
     def config_for(self, request: Request) -> ml_collections.ConfigDict:
         """The sampling config of `request` (a random seed drawn where `request.seed` is None)."""
@@ -78,8 +80,10 @@ class Generator:
         sampling starts."""
         config = self.config_for(request)
         with self._lock:
+            started = time.monotonic()
             _use_scheduler_of(self.pipeline, config)
             [path] = run(config, _WithProgress(self.pipeline, on_progress))
+            self.intervals.append((started, time.monotonic()))
         sidecar = path.with_suffix(".json")
         saved = json.loads(sidecar.read_text())
         grid = path.with_name(saved["frame_grid"]) if saved.get("frame_grid") else None
