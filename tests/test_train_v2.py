@@ -291,3 +291,11 @@ def test_fps_max_subsamples_fast_videos_as_the_reference():
     assert buckets.assign_bucket(100, 256, 256, 0, fps=24).num_frames == 65
     assert buckets.assign_bucket(100, 256, 256, 0, fps=60).num_frames == 33
     assert buckets.assign_bucket(99, 256, 256, 0, fps=60) is None
+
+
+def test_pixel_frames_inverts_the_latent_frame_count():
+    from opensora_jax.presets_v2_0 import latent_frames
+
+    for t in (1, 5, 17, 33, 129):
+        assert mmdit_loop.pixel_frames(latent_frames(t)) == t
+    assert mmdit_loop.pixel_frames(8, causal=False) == 32 == 4 * latent_frames(32, causal=False)

@@ -9,6 +9,7 @@ these already.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
 import warnings
@@ -26,7 +27,7 @@ from opensora_jax.data.features import FeatureLoader, load_null_text
 from opensora_jax.data.loader import make_video_loader
 from opensora_jax.errors import UserError
 from opensora_jax.models import mmdit
-from opensora_jax.models.vae import dc_ae, hunyuan
+from opensora_jax.models.vae import hunyuan
 from opensora_jax.parallel import make_mesh, shard_batch, shard_params, sharding_context
 from opensora_jax.text.opensora_v2_0 import TextConditioner
 from opensora_jax.training import run_dir
@@ -170,7 +171,7 @@ class BatchEncoder:
         video = jnp.asarray(video, self.ae.dtype if hasattr(self.ae, "dtype") else jnp.float32)
         if self.kind == "hunyuan_vae":
             return hunyuan.encode_jit(self.ae, video, key, sample=True)
-        return dc_ae.encode_jit(self.ae, video) if hasattr(dc_ae, "encode_jit") else self.ae.encode(video)
+        return self.ae.encode(video)  # the DC-AE jits its tiles itself; its encoder is deterministic
 
     def encode_video(self, video, key) -> dict:
         """x0 of the whole clip and, for videos, each reference latent encoded from its own frames."""
@@ -252,14 +253,22 @@ def step_config(config: ml_collections.ConfigDict, mix) -> StepConfig:
                       no_ref_loss=bool(config.get("no_i2v_ref_loss", False)))
 
 
+def pixel_frames(latent_frames: int, *, causal: bool = True, time_compression: int = 4) -> int:
+    """Pixel frames behind `latent_frames` (the inverse of presets_v2_0.latent_frames): 1 for an image."""
+    if latent_frames == 1:
+        return 1
+    return (latent_frames - 1) * time_compression + 1 if causal else latent_frames * time_compression
+
+
 def make_step_fn(graphdef, tx, base_cfg: StepConfig, encoder: BatchEncoder, mesh=None):
     """The driver's step function: encode the (device) batch, pick the condition mix its length allows, update."""
 
     def step_fn(state, batch, step):
         inputs = encoder(batch, step)
         x0 = inputs["x0"]
-        frames = int(np.asarray(batch["num_frames"]).reshape(-1)[0]) if "num_frames" in batch else x0.shape[1]
-        cfg = base_cfg.__class__(**{**base_cfg.__dict__, "cond_weights": usable_types(base_cfg.cond_weights, frames)})
+        # The clip length from the latent's (static) shape: reading batch["num_frames"] would sync with the device.
+        frames = pixel_frames(x0.shape[1], causal=base_cfg.causal)
+        cfg = dataclasses.replace(base_cfg, cond_weights=usable_types(base_cfg.cond_weights, frames))
         if mesh is None:
             state, metrics = train_step(graphdef, tx, cfg, state, inputs)
         else:
